@@ -1,0 +1,139 @@
+"""The Bayesian LoRA layer: a frozen base layer plus a random low-rank-parameterised update ΔW.
+
+Per adapted layer (METHOD.md section 1), with factor pairs ``B ∈ R^{d_out×r}``, ``A ∈ R^{r×d_in}``:
+
+    μ = s · B_μ A_μ                    (s = alpha / r)                          (eq. 1)
+    σ = g(B_σ A_σ + o) + c             (g ∈ {abs, softplus, exp}, floor c)      (eq. 2)
+    ΔW = μ + σ ⊙ ε,  ε ~ N(0, I)       one weight sample for the whole pass     (eq. 3)
+    y = base(x) + x ΔWᵀ                the base layer's own forward is kept     (eq. 4)
+
+The layer's own parameters are the global prior θ. A task posterior φ (same four factors, plain tensors) is
+bound to the layer for the duration of a forward pass with :func:`abmll.bayes.inject.posterior`; the model
+is never copied. What the layer computes is set by two attributes: ``posterior`` (factors to use instead of
+θ) and ``noise_seed`` (None: the mean ΔW = μ; an int: a weight sample drawn from that seed, so a recomputed
+forward — gradient checkpointing, a second scorer call — sees the same ε).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FACTORS = ("mu_A", "mu_B", "sigma_A", "sigma_B")
+#: Prefix of every adapter parameter, so that a state dict of θ can be filtered by name.
+PREFIX = "abmll_"
+
+
+def mean_delta(mu_A: torch.Tensor, mu_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """μ = s · B_μ A_μ (eq. 1), dense ``[d_out, d_in]``."""
+    return scaling * (mu_B @ mu_A)
+
+
+def sigma_dense(
+    sigma_A: torch.Tensor, sigma_B: torch.Tensor, transform: str, offset: float, floor: float
+) -> torch.Tensor:
+    """σ = g(B_σ A_σ + o) + c (eq. 2), dense ``[d_out, d_in]``."""
+    pre = sigma_B @ sigma_A + offset
+    if transform == "abs":
+        return pre.abs() + floor
+    if transform == "softplus":
+        return F.softplus(pre) + floor
+    if transform == "exp":
+        return pre.exp() + floor
+    raise ValueError(f"unknown sigma transform {transform!r}")
+
+
+class BayesLoRALinear(nn.Module):
+    """Wraps a linear layer (``nn.Linear``, GPT-2 ``Conv1D`` or any module with ``in_features`` and
+    ``out_features``) with the Bayesian LoRA update of eqs. 1–4."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        scaling: float,
+        sigma_transform: str,
+        sigma_floor: float,
+        sigma_offset: float,
+        layer_index: int,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.scaling = scaling
+        self.sigma_transform = sigma_transform
+        self.sigma_floor = sigma_floor
+        self.sigma_offset = sigma_offset
+        self.layer_index = layer_index
+        weight = next(base_layer.parameters(), None)
+        device = weight.device if weight is not None else None
+        # θ: the four factor pairs of the global prior, always float32.
+        self.abmll_mu_A = nn.Parameter(torch.empty(rank, in_features, device=device))
+        self.abmll_mu_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        self.abmll_sigma_A = nn.Parameter(torch.empty(rank, in_features, device=device))
+        self.abmll_sigma_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        self.reset_parameters()
+        self.posterior: dict[str, torch.Tensor] | None = None
+        self.noise_seed: int | None = None
+        self.enabled = True
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """LoRA's initialisation: A ~ Kaiming-uniform, B = 0, so μθ = 0 and σθ = σ_init at step 0."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5) on a [r, d_in] matrix
+        with torch.no_grad():
+            for A, B in ((self.abmll_mu_A, self.abmll_mu_B), (self.abmll_sigma_A, self.abmll_sigma_B)):
+                A.uniform_(-bound, bound, generator=generator)
+                B.zero_()
+
+    def prior_factors(self) -> dict[str, torch.Tensor]:
+        """θ of this layer as ``{"mu_A", "mu_B", "sigma_A", "sigma_B"}``."""
+        return {name: getattr(self, PREFIX + name) for name in FACTORS}
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The factors in use: the bound posterior φ, else the prior θ."""
+        return self.posterior if self.posterior is not None else self.prior_factors()
+
+    def mean(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return mean_delta(factors["mu_A"], factors["mu_B"], self.scaling)
+
+    def sigma(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sigma_dense(
+            factors["sigma_A"], factors["sigma_B"], self.sigma_transform, self.sigma_offset, self.sigma_floor
+        )
+
+    def noise(self, seed: int, device: torch.device) -> torch.Tensor:
+        """ε ~ N(0, I) of shape ``[d_out, d_in]``, a function of (seed, layer index) alone."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed((seed * 1_000_003 + self.layer_index) % (2**63 - 1))
+        return torch.randn(self.out_features, self.in_features, generator=generator, device=device)
+
+    def sample_delta(self, factors: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
+        """One weight sample ΔW = μ + σ ⊙ ε (eq. 3), dense ``[d_out, d_in]``."""
+        mu_A = factors["mu_A"]
+        return self.mean(factors) + self.sigma(factors) * self.noise(seed, mu_A.device)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if not self.enabled:
+            return y
+        f = self.factors()
+        h = x.to(f["mu_A"].dtype)
+        # Low-rank mean path: s · (x A_μᵀ) B_μᵀ, never forming μ densely.
+        update = self.scaling * ((h @ f["mu_A"].T) @ f["mu_B"].T)
+        if self.noise_seed is not None:
+            noise = self.sigma(f) * self.noise(self.noise_seed, f["mu_A"].device)
+            update = update + h @ noise.T
+        return y + update.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}, "
+            f"sigma={self.sigma_transform}(BA{self.sigma_offset:+.3g})+{self.sigma_floor:.3g}"
+        )

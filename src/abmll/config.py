@@ -1,0 +1,413 @@
+"""Configuration of abmll: dataclasses with help metadata, validation, presets, JSON/YAML load and save.
+
+Every field carries ``metadata={"help": ...}``; ``__post_init__`` rejects a bad value with a sentence that
+names the field, the value and what is allowed (raised as :class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from abmll.errors import ConfigError
+
+SIGMA_TRANSFORMS = ("abs", "softplus", "exp")
+GRADIENT_ORDERS = ("first_order", "second_order")
+OUTER_DATA = ("query", "support+query")
+SCORERS = ("option", "label")
+LENGTH_NORMS = ("none", "token", "char")
+LIKELIHOODS = ("options", "lm")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{name}' = {value!r} is invalid: expected {allowed}")
+
+
+@dataclass
+class BayesLoRAConfig:
+    """Where the Bayesian LoRA layers go and how μ and σ are parameterised (METHOD.md section 1)."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r of every factor pair."})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the mean is scaled by s = alpha / r."})
+    targets: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={
+            "help": "Modules to adapt: a list of module-name suffixes (e.g. q_proj), a string 're:PATTERN' "
+            "matched against the full module name, or 'all-linear' (every linear layer but the LM head)."
+        },
+    )
+    sigma_transform: str = field(
+        default="softplus",
+        metadata={"help": "g in σ = g(B_σ A_σ + o) + c: 'abs' (paper-literal), 'softplus' or 'exp'."},
+    )
+    sigma_floor: float = field(default=1e-8, metadata={"help": "c: floor added to every entry of σ."})
+    sigma_init: float = field(
+        default=1e-3, metadata={"help": "σ of every entry at initialisation (must be ≥ sigma_floor)."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank", self.rank, "an integer ≥ 1")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
+        _check(
+            self.sigma_transform in SIGMA_TRANSFORMS,
+            "lora.sigma_transform",
+            self.sigma_transform,
+            f"one of {SIGMA_TRANSFORMS}",
+        )
+        _check(
+            math.isfinite(self.sigma_floor) and self.sigma_floor > 0,
+            "lora.sigma_floor",
+            self.sigma_floor,
+            "a finite number > 0",
+        )
+        _check(
+            math.isfinite(self.sigma_init) and self.sigma_init >= self.sigma_floor,
+            "lora.sigma_init",
+            self.sigma_init,
+            f"a finite number ≥ sigma_floor ({self.sigma_floor})",
+        )
+        if self.sigma_transform in ("softplus", "exp"):
+            _check(
+                self.sigma_init > self.sigma_floor,
+                "lora.sigma_init",
+                self.sigma_init,
+                f"a number > sigma_floor ({self.sigma_floor}) with sigma_transform '{self.sigma_transform}'",
+            )
+        if isinstance(self.targets, str):
+            _check(
+                self.targets == "all-linear" or self.targets.startswith("re:"),
+                "lora.targets",
+                self.targets,
+                "a list of module names, 're:PATTERN' or 'all-linear'",
+            )
+        else:
+            _check(
+                isinstance(self.targets, list)
+                and len(self.targets) > 0
+                and all(isinstance(t, str) and t for t in self.targets),
+                "lora.targets",
+                self.targets,
+                "a non-empty list of module names",
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def sigma_offset(self) -> float:
+        """o = g⁻¹(σ_init − c), so that σ = g(0 + o) + c = σ_init when B_σ = 0."""
+        target = self.sigma_init - self.sigma_floor
+        if self.sigma_transform == "abs":
+            return target
+        if self.sigma_transform == "exp":
+            return math.log(target)
+        return target + math.log(-math.expm1(-target))  # softplus⁻¹(y) = y + log(1 − e^−y)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights of the tempered ELBO and the hyperprior (METHOD.md section 3)."""
+
+    beta: float = field(
+        default=1e-6, metadata={"help": "β: weight of KL(q_φ ‖ p_θ) in the inner and outer loss."}
+    )
+    gamma: float | None = field(
+        default=None,
+        metadata={"help": "γ: weight of −log p(θ). None uses β (the paper's v2 form: one β on both terms)."},
+    )
+    gamma_a0: float = field(default=1.0, metadata={"help": "a0: Gamma shape of the precision hyperprior."})
+    gamma_b0: float = field(default=0.01, metadata={"help": "b0: Gamma rate of the precision hyperprior."})
+    mean_prior_std: float | None = field(
+        default=None,
+        metadata={"help": "Std of an optional Normal(0, s²) hyperprior on μθ; None disables it."},
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            math.isfinite(self.beta) and self.beta >= 0, "objective.beta", self.beta, "a finite number ≥ 0"
+        )
+        if self.gamma is not None:
+            _check(
+                math.isfinite(self.gamma) and self.gamma >= 0,
+                "objective.gamma",
+                self.gamma,
+                "a finite number ≥ 0",
+            )
+        _check(self.gamma_a0 > 0, "objective.gamma_a0", self.gamma_a0, "a number > 0")
+        _check(self.gamma_b0 > 0, "objective.gamma_b0", self.gamma_b0, "a number > 0")
+        if self.mean_prior_std is not None:
+            _check(
+                self.mean_prior_std > 0,
+                "objective.mean_prior_std",
+                self.mean_prior_std,
+                "a number > 0 or null",
+            )
+
+    @property
+    def hyperprior_weight(self) -> float:
+        return self.beta if self.gamma is None else self.gamma
+
+
+@dataclass
+class InnerConfig:
+    """Amortised inference: K SGD steps from θ on the support set (METHOD.md section 3, inner loop)."""
+
+    inner_steps: int = field(default=5, metadata={"help": "K: SGD steps from θ during meta-training."})
+    test_inner_steps: int = field(
+        default=10, metadata={"help": "K_test: SGD steps from θ on an unseen task."}
+    )
+    inner_lr: float = field(default=0.1, metadata={"help": "α: inner-loop SGD learning rate."})
+    inner_samples: int = field(
+        default=1, metadata={"help": "Weight samples ε averaged in each inner step's Monte Carlo estimate."}
+    )
+    order: str = field(
+        default="first_order",
+        metadata={"help": "'first_order' (no graph through the inner loop) or 'second_order'."},
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.inner_steps, int) and self.inner_steps >= 0,
+            "inner.inner_steps",
+            self.inner_steps,
+            "an integer ≥ 0",
+        )
+        _check(
+            isinstance(self.test_inner_steps, int) and self.test_inner_steps >= 0,
+            "inner.test_inner_steps",
+            self.test_inner_steps,
+            "an integer ≥ 0",
+        )
+        _check(
+            math.isfinite(self.inner_lr) and self.inner_lr > 0,
+            "inner.inner_lr",
+            self.inner_lr,
+            "a number > 0",
+        )
+        _check(
+            isinstance(self.inner_samples, int) and self.inner_samples >= 1,
+            "inner.inner_samples",
+            self.inner_samples,
+            "an integer ≥ 1",
+        )
+        _check(self.order in GRADIENT_ORDERS, "inner.order", self.order, f"one of {GRADIENT_ORDERS}")
+
+
+@dataclass
+class MetaConfig:
+    """The outer loop over meta-batches of tasks (METHOD.md section 3, outer loop)."""
+
+    meta_steps: int = field(default=100, metadata={"help": "Number of outer (meta) optimiser steps."})
+    meta_batch_size: int = field(default=4, metadata={"help": "T: tasks per meta-batch."})
+    outer_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate on θ."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on θ."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip θ's gradient norm; None disables."}
+    )
+    outer_data: str = field(
+        default="query",
+        metadata={"help": "Data of the outer likelihood: 'query' (default) or 'support+query' (ABML)."},
+    )
+    micro_batch_size: int = field(
+        default=8, metadata={"help": "Examples per forward pass; larger sets are processed in chunks."}
+    )
+    checkpoint_every: int = field(default=50, metadata={"help": "Save a checkpoint every N meta-steps."})
+
+    def __post_init__(self) -> None:
+        for name in ("meta_steps", "meta_batch_size", "micro_batch_size", "checkpoint_every"):
+            value = getattr(self, name)
+            low = 0 if name == "meta_steps" else 1
+            _check(isinstance(value, int) and value >= low, f"meta.{name}", value, f"an integer ≥ {low}")
+        _check(
+            math.isfinite(self.outer_lr) and self.outer_lr > 0, "meta.outer_lr", self.outer_lr, "a number > 0"
+        )
+        _check(self.weight_decay >= 0, "meta.weight_decay", self.weight_decay, "a number ≥ 0")
+        if self.max_grad_norm is not None:
+            _check(self.max_grad_norm > 0, "meta.max_grad_norm", self.max_grad_norm, "a number > 0 or null")
+        _check(self.outer_data in OUTER_DATA, "meta.outer_data", self.outer_data, f"one of {OUTER_DATA}")
+
+
+@dataclass
+class ScoringConfig:
+    """How text tasks become option log-probabilities (METHOD.md section 4)."""
+
+    scorer: str = field(
+        default="option", metadata={"help": "'option' (continuation log-likelihood) or 'label'."}
+    )
+    length_norm: str = field(
+        default="none",
+        metadata={"help": "Option scorer only: 'none' (sum), 'token' (per token) or 'char' (per character)."},
+    )
+    likelihood: str = field(
+        default="options",
+        metadata={"help": "Training NLL: 'options' (cross-entropy over options) or 'lm' (gold token NLL)."},
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "Longest sequence; prompts are cut from the left."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.scorer in SCORERS, "scoring.scorer", self.scorer, f"one of {SCORERS}")
+        _check(
+            self.length_norm in LENGTH_NORMS,
+            "scoring.length_norm",
+            self.length_norm,
+            f"one of {LENGTH_NORMS}",
+        )
+        _check(self.likelihood in LIKELIHOODS, "scoring.likelihood", self.likelihood, f"one of {LIKELIHOODS}")
+        _check(
+            isinstance(self.max_length, int) and self.max_length >= 8,
+            "scoring.max_length",
+            self.max_length,
+            "an integer ≥ 8",
+        )
+
+
+@dataclass
+class PredictConfig:
+    """The posterior predictive at test time (METHOD.md section 3, test time)."""
+
+    samples: int = field(
+        default=8, metadata={"help": "S: posterior samples averaged (probabilities, not logits)."}
+    )
+    mode: str = field(
+        default="sample", metadata={"help": "'sample' (average S samples) or 'mean' (ΔW = μφ)."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.samples, int) and self.samples >= 1,
+            "predict.samples",
+            self.samples,
+            "an integer ≥ 1",
+        )
+        _check(self.mode in ("sample", "mean"), "predict.mode", self.mode, "'sample' or 'mean'")
+
+
+@dataclass
+class ABMLLConfig:
+    """Everything that defines an ABMLL run. ``seed`` seeds initialisation, task sampling and ε."""
+
+    lora: BayesLoRAConfig = field(default_factory=BayesLoRAConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    seed: int = field(
+        default=0, metadata={"help": "Seed of initialisation, task sampling and weight samples."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer ≥ 0")
+
+    # --- serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ABMLLConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of config sections, got {type(data).__name__}")
+        groups = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(groups))
+        if unknown:
+            raise ConfigError(f"{source}: unknown config field(s) {unknown}; allowed: {sorted(groups)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            sub = _section_types().get(name)
+            if sub is None:
+                kwargs[name] = value
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: config section '{name}' must be a mapping, got {value!r}")
+            allowed = {f.name for f in dataclasses.fields(sub)}
+            bad = sorted(set(value) - allowed)
+            if bad:
+                raise ConfigError(
+                    f"{source}: unknown field(s) {bad} in section '{name}'; allowed: {sorted(allowed)}"
+                )
+            kwargs[name] = sub(**value)
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ABMLLConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error is reported with the file name
+            raise ConfigError(f"config file {path} could not be parsed: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def override(self, dotted: dict[str, Any]) -> ABMLLConfig:
+        """A copy with ``{"inner.inner_steps": 3, "seed": 1}``-style overrides applied and validated."""
+        data = self.to_dict()
+        for key, value in dotted.items():
+            parts = key.split(".")
+            node = data
+            for part in parts[:-1]:
+                if part not in node or not isinstance(node[part], dict):
+                    raise ConfigError(f"unknown config field '{key}'")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"unknown config field '{key}'")
+            node[parts[-1]] = value
+        return ABMLLConfig.from_dict(data)
+
+
+def _section_types() -> dict[str, type]:
+    return {
+        "lora": BayesLoRAConfig,
+        "objective": ObjectiveConfig,
+        "inner": InnerConfig,
+        "meta": MetaConfig,
+        "scoring": ScoringConfig,
+        "predict": PredictConfig,
+    }
+
+
+#: The paper's settings (METHOD.md section 3). v1: β on the task KL and γ on the hyperprior, c = e^-20;
+#: v2: one β on both terms. Both adapt with K = 10 steps at test time.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "paper-v1": {
+        "lora.sigma_transform": "abs",
+        "lora.sigma_floor": math.exp(-20),
+        "lora.sigma_init": math.exp(-20),
+        "objective.beta": 5e-10,
+        "objective.gamma": 1e-6,
+        "inner.test_inner_steps": 10,
+    },
+    "paper-v2": {
+        "lora.sigma_transform": "abs",
+        "lora.sigma_floor": math.exp(-20),
+        "lora.sigma_init": math.exp(-20),
+        "objective.beta": 1e-7,
+        "objective.gamma": None,
+        "inner.test_inner_steps": 10,
+    },
+}
+
+
+def preset(name: str) -> ABMLLConfig:
+    """The config of a named preset: ``default``, ``paper-v1`` or ``paper-v2``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; available: {sorted(PRESETS)}")
+    return ABMLLConfig().override(PRESETS[name])

@@ -1,0 +1,137 @@
+"""Amortised inference: a task posterior reached by K SGD steps from the prior (METHOD.md section 3).
+
+    φ⁰ = θ;   φᵏ = φᵏ⁻¹ − α ∇_φ [ NLL(S; W0 + ΔW(φ, ε)) + β · KL(q_φ ‖ p_θ) ]                  (eq. 7)
+
+Every weight sample ε is drawn from a seed derived from the run's seed and the sample's coordinates
+(meta-step, task, inner step, sample), never from a global generator state: the same run gives the same ε
+in one process or spread across ranks, and after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from abmll.bayes.inject import bayes_layers, clone_factors, posterior, weight_sample
+from abmll.objectives import kl_divergence
+from abmll.tasks.data import Example
+
+Factors = dict[str, torch.Tensor]
+
+
+def derive_seed(*coordinates: int) -> int:
+    """A 63-bit seed that is a pure function of integer coordinates (numpy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(c) & 0xFFFFFFFF for c in coordinates]).generate_state(
+        2, dtype=np.uint32
+    )
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
+def chunks(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+def likelihood(
+    model: nn.Module,
+    phi: Factors | None,
+    examples: Sequence[Example],
+    scorer,
+    seeds: Sequence[int | None],
+    micro_batch_size: int,
+) -> torch.Tensor:
+    """NLL(examples; W0 + ΔW(φ, ε_s)) averaged over the weight samples of ``seeds`` (None = the mean ΔW)."""
+    total = 0.0
+    n = len(examples)
+    with posterior(model, phi):
+        for seed in seeds:
+            with weight_sample(model, seed):
+                for chunk in chunks(examples, micro_batch_size):
+                    total = total + scorer.nll(model, chunk) * (len(chunk) / n)
+    return total / len(seeds)
+
+
+def _accumulate(total: list[torch.Tensor | None], grads: Sequence[torch.Tensor | None]) -> list:
+    return [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads, strict=True)]
+
+
+def support_gradient(
+    model: nn.Module,
+    phi: Factors,
+    prior_side: Factors,
+    support: Sequence[Example],
+    scorer,
+    seeds: Sequence[int | None],
+    beta: float,
+    micro_batch_size: int,
+    create_graph: bool,
+) -> tuple[float, list[torch.Tensor | None]]:
+    """∇_φ [NLL(S; φ, ε) + β·KL(q_φ ‖ p_θ)], one micro-batch at a time so that only one chunk's graph is
+    alive at once (unless ``create_graph`` keeps them for second order). Returns (loss value, gradients)."""
+    params = list(phi.values())
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    value = 0.0
+    weight = 1.0 / (len(seeds) * len(support))
+    with posterior(model, phi):
+        for seed in seeds:
+            with weight_sample(model, seed):
+                for chunk in chunks(support, micro_batch_size):
+                    loss = scorer.nll(model, chunk) * (len(chunk) * weight)
+                    value += float(loss.detach())
+                    grads = _accumulate(
+                        grads, torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+                    )
+    if beta > 0:
+        kl = beta * kl_divergence(phi, prior_side, bayes_layers(model))
+        value += float(kl.detach())
+        grads = _accumulate(
+            grads, torch.autograd.grad(kl, params, create_graph=create_graph, allow_unused=True)
+        )
+    return value, grads
+
+
+def adapt(
+    model: nn.Module,
+    theta: Factors,
+    support: Sequence[Example],
+    scorer,
+    *,
+    steps: int,
+    lr: float,
+    beta: float,
+    seeds: Callable[[int], Sequence[int | None]],
+    micro_batch_size: int,
+    create_graph: bool = False,
+    losses: list[float] | None = None,
+) -> Factors:
+    """φᴷ by K steps of plain SGD from θ on the support set (eq. 7).
+
+    ``seeds(k)`` gives the weight-sample seeds of step k (``[None]`` for a deterministic LoRA).
+    With ``create_graph`` (second order) φᴷ stays a differentiable function of θ; otherwise φ⁰ is a
+    detached copy of θ and no graph is kept between steps. Each step's support loss is appended to
+    ``losses`` when given.
+    """
+    phi = dict(theta) if create_graph else clone_factors(theta)
+    prior_side = theta if create_graph else {k: v.detach() for k, v in theta.items()}
+    for k in range(steps if support else 0):
+        value, grads = support_gradient(
+            model, phi, prior_side, support, scorer, seeds(k), beta, micro_batch_size, create_graph
+        )
+        if losses is not None:
+            losses.append(value)
+        if create_graph:
+            phi = {n: (p if g is None else p - lr * g) for (n, p), g in zip(phi.items(), grads, strict=True)}
+        else:
+            with torch.no_grad():
+                phi = {
+                    n: (p if g is None else p - lr * g).detach().requires_grad_(True)
+                    for (n, p), g in zip(phi.items(), grads, strict=True)
+                }
+    return phi
+
+
+def straight_through(phi: Factors, theta: Factors) -> Factors:
+    """φᴷ = θ + stop_gradient(φᴷ − θ): the first-order estimator; every gradient reaching φᴷ passes to θ."""
+    return {k: theta[k] + (phi[k] - theta[k]).detach() for k in theta}

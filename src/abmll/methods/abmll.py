@@ -1,0 +1,239 @@
+"""ABMLL: meta-learn the global prior θ over LoRA weights; adapt to a task by amortised inference; predict
+with the posterior predictive (METHOD.md section 3).
+
+Outer loss over a meta-batch of T tasks (eq. 8):
+
+    L(θ) = (1/T) Σ_i [ NLL(Q_i; W0 + ΔW(φ_iᴷ, ε)) + β · KL(q_{φ_iᴷ} ‖ p_θ) ] − γ · log p(θ)
+
+Posterior predictive (eq. 9):  p(y | x) = (1/S) Σ_s p(y | x, W0 + ΔW_s),  ΔW_s ~ q_φᴷ.
+
+Across ranks (``torch.distributed`` initialised, e.g. by Accelerate or torchrun) each rank takes every
+world-size-th task of the meta-batch and θ's gradients are summed with an all-reduce; every weight sample
+comes from a seed derived from (seed, step, task index, …), so the result does not depend on the number
+of ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from abmll.bayes.inject import bayes_layers, posterior, prior, weight_sample
+from abmll.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from abmll.config import ABMLLConfig
+from abmll.inner import Factors, adapt, chunks, derive_seed, straight_through
+from abmll.methods.base import LogFn, MetaBatches, Method
+from abmll.objectives import kl_divergence, log_hyperprior
+from abmll.tasks.data import Example
+
+# Tags that keep the seed streams of different uses of ε apart.
+_INNER, _OUTER, _ADAPT, _PREDICT = 1, 2, 3, 4
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ABMLL(Method):
+    """Amortized Bayesian Meta-Learning for LoRA."""
+
+    name = "abmll"
+    #: False for the deterministic variants (structured LoRA): ΔW = μ, no KL, no hyperprior.
+    stochastic = True
+
+    def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
+        super().__init__(model, scorer, config)
+        self.layers = bayes_layers(model)
+        self.theta = prior(model)
+        meta = config.meta
+        self.optimizer = torch.optim.AdamW(
+            list(self.theta.values()), lr=meta.outer_lr, weight_decay=meta.weight_decay
+        )
+
+    # --- weights samples ---------------------------------------------------------------------------
+    def _seeds(self, *coords: int, count: int) -> list[int | None]:
+        if not self.stochastic:
+            return [None]
+        return [derive_seed(self.config.seed, *coords, s) for s in range(count)]
+
+    @property
+    def beta(self) -> float:
+        return self.config.objective.beta if self.stochastic else 0.0
+
+    @property
+    def gamma(self) -> float:
+        return self.config.objective.hyperprior_weight if self.stochastic else 0.0
+
+    # --- meta-training -----------------------------------------------------------------------------
+    def inner_loop(
+        self,
+        support: Sequence[Example],
+        seeds: Callable[[int], Sequence[int | None]],
+        steps: int,
+        create_graph: bool = False,
+        losses: list[float] | None = None,
+    ) -> Factors:
+        return adapt(
+            self.model,
+            self.theta,
+            support,
+            self.scorer,
+            steps=steps,
+            lr=self.config.inner.inner_lr,
+            beta=self.beta,
+            seeds=seeds,
+            micro_batch_size=self.config.meta.micro_batch_size,
+            create_graph=create_graph,
+            losses=losses,
+        )
+
+    def task_outer_backward(self, episode, step: int, task_index: int, weight: float) -> dict[str, float]:
+        """Backpropagate ``weight`` × one task's outer loss into θ.grad (eq. 8, one term of the sum)."""
+        if self.config.inner.order == "second_order":
+            with sdpa_kernel(SDPBackend.MATH):  # SDPA's fused kernels have no double backward
+                return self._task_outer_backward(episode, step, task_index, weight, second=True)
+        return self._task_outer_backward(episode, step, task_index, weight, second=False)
+
+    def _task_outer_backward(self, episode, step: int, task_index: int, weight: float, second: bool) -> dict:
+        samples = self.config.inner.inner_samples
+        support_losses: list[float] = []
+        phi = self.inner_loop(
+            episode.support,
+            lambda k: self._seeds(_INNER, step, task_index, k, count=samples),
+            self.config.inner.inner_steps,
+            create_graph=second,
+            losses=support_losses,
+        )
+        if not second:
+            phi = straight_through(phi, self.theta)
+        outer = list(episode.query)
+        if self.config.meta.outer_data == "support+query":
+            outer = list(episode.support) + outer
+        seeds = self._seeds(_OUTER, step, task_index, count=samples)
+        nll_value = 0.0
+        with posterior(self.model, phi):
+            for seed in seeds:
+                with weight_sample(self.model, seed):
+                    for chunk in chunks(outer, self.config.meta.micro_batch_size):
+                        loss = self.scorer.nll(self.model, chunk) * (len(chunk) / (len(outer) * len(seeds)))
+                        (loss * weight).backward(retain_graph=second)
+                        nll_value += float(loss.detach())
+        kl_value = 0.0
+        if self.beta > 0:
+            kl = kl_divergence(phi, self.theta, self.layers)
+            (self.beta * kl * weight).backward()
+            kl_value = float(kl.detach())
+        return {
+            "nll": nll_value,
+            "kl": kl_value,
+            "support_first": support_losses[0] if support_losses else float("nan"),
+            "support_last": support_losses[-1] if support_losses else float("nan"),
+        }
+
+    def meta_step(self, episodes: Sequence) -> dict[str, float]:
+        """One optimiser step on θ over a meta-batch (eq. 8)."""
+        rank, world = _world()
+        for p in self.theta.values():
+            p.grad = torch.zeros_like(p)
+        T = len(episodes)
+        sums = torch.zeros(5, dtype=torch.float64)  # nll, kl, support_first, support_last, tasks
+        for i in range(rank, T, world):
+            stats = self.task_outer_backward(episodes[i], self.step, i, 1.0 / T)
+            sums += torch.tensor(
+                [stats["nll"], stats["kl"], stats["support_first"], stats["support_last"], 1.0],
+                dtype=torch.float64,
+            )
+        if world > 1:
+            for p in self.theta.values():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        log_prior = 0.0
+        if self.gamma > 0:
+            lp = log_hyperprior(self.theta, self.layers, self.config.objective)
+            (-self.gamma * lp).backward()
+            log_prior = float(lp.detach())
+        params = list(self.theta.values())
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient of θ at meta-step {self.step}")
+        if self.config.meta.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.meta.max_grad_norm, grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        n = float(sums[4])
+        nll, kl = float(sums[0]) / n, float(sums[1]) / n
+        return {
+            "step": self.step,
+            "outer_nll": nll,
+            "kl": kl,
+            "beta_kl_over_nll": (self.beta * kl / nll) if nll > 0 else float("nan"),
+            "support_nll_first": float(sums[2]) / n,
+            "support_nll_last": float(sums[3]) / n,
+            "log_hyperprior": log_prior,
+            "grad_norm": float(grad_norm),
+        }
+
+    def meta_train(
+        self,
+        batches: MetaBatches,
+        steps: int | None = None,
+        log: LogFn | None = None,
+        should_stop: Callable[[int], bool] | None = None,
+    ) -> None:
+        total = self.config.meta.meta_steps if steps is None else steps
+        self.model.train(False)  # no dropout: the randomness is the weight samples'
+        while self.step < total:
+            record = self.meta_step(batches.meta_batch(self.step))
+            if log is not None:
+                log(record)
+            if should_stop is not None and should_stop(self.step):
+                break
+
+    # --- test time ---------------------------------------------------------------------------------
+    def adapt(self, support: Sequence[Example], seed: int) -> Factors:
+        """φᴷ after K_test inner steps from θ on the support set."""
+        phi = self.inner_loop(
+            support,
+            lambda k: self._seeds(_ADAPT, seed, k, count=self.config.inner.inner_samples),
+            self.config.inner.test_inner_steps,
+        )
+        return {k: v.detach() for k, v in phi.items()}
+
+    @torch.no_grad()
+    def predict(self, adapted: Factors | None, query: Sequence[Example], seed: int) -> torch.Tensor:
+        """The posterior predictive (eq. 9): probabilities averaged over S samples, or the mean ΔW."""
+        mode = self.config.predict.mode if self.stochastic else "mean"
+        seeds = [None] if mode == "mean" else self._seeds(_PREDICT, seed, count=self.config.predict.samples)
+        out = []
+        with posterior(self.model, adapted):
+            for chunk in chunks(list(query), self.config.meta.micro_batch_size):
+                probs = 0.0
+                for s in seeds:
+                    with weight_sample(self.model, s):
+                        probs = probs + torch.softmax(self.scorer(self.model, chunk), dim=-1)
+                out.append(probs / len(seeds))
+        return torch.cat(out).cpu()
+
+    # --- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.theta.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.theta.items():
+                v.copy_(state[k])
+
+    def trainer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, values = optimizer_to_tensors(self.optimizer, list(self.theta))
+        return tensors, {"step": self.step, "optimizer": values}
+
+    def load_trainer_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        self.step = int(values["step"])
+        optimizer_from_tensors(self.optimizer, list(self.theta), tensors, values["optimizer"])

@@ -1,0 +1,73 @@
+"""The one interface every training algorithm implements (ABMLL and each baseline of METHOD.md section 6).
+
+    method = SomeMethod(model, scorer, config)
+    method.meta_train(batches, steps)            # batches.meta_batch(step) -> list[Episode]
+    adapted = method.adapt(support, seed)        # task-specific state (e.g. a posterior φ), or None
+    probs = method.predict(adapted, query, seed) # [len(query), n_options] option probabilities
+
+``state_dict`` holds what is saved as the method's trained weights (θ); ``trainer_state`` what a resumed
+run needs on top (optimiser state, step).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from abmll.config import ABMLLConfig
+from abmll.tasks.data import Episode, Example
+
+
+class MetaBatches(Protocol):
+    def meta_batch(self, step: int) -> list[Episode]: ...
+
+
+LogFn = Callable[[dict[str, Any]], None]
+
+
+class Method(ABC):
+    """A training algorithm behind the shared interface."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
+        self.model = model
+        self.scorer = scorer
+        self.config = config
+        self.step = 0
+
+    def meta_train(  # noqa: B027 - a no-op default, not an abstract method
+        self,
+        batches: MetaBatches,
+        steps: int | None = None,
+        log: LogFn | None = None,
+        should_stop: Callable[[int], bool] | None = None,
+    ) -> None:
+        """Run meta-steps ``self.step .. steps - 1`` (``config.meta.meta_steps`` by default). Methods that
+        learn nothing across tasks keep this no-op."""
+
+    @abstractmethod
+    def adapt(self, support: Sequence[Example], seed: int) -> Any:
+        """Task-specific state from a support set."""
+
+    @abstractmethod
+    def predict(self, adapted: Any, query: Sequence[Example], seed: int) -> torch.Tensor:
+        """Option probabilities ``[len(query), n_options]`` (rows sum to 1)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"method '{self.name}' has no trained weights to load")
+
+    def trainer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON-serialisable values) needed to resume meta-training."""
+        return {}, {"step": self.step}
+
+    def load_trainer_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        self.step = int(values.get("step", 0))

@@ -1,0 +1,681 @@
+"""Readers and writers for task files. Every problem in a file raises one :class:`DataError` whose message
+names the file, the line (1-based) where there is one, the field, and what was expected.
+
+Layouts
+-------
+MetaICL / CrossFit JSONL (:func:`read_metaicl_task`)::
+
+    {data_dir}/{task}/{task}_{k}_{seed}_{split}.jsonl   split is train, dev or test
+    {data_dir}/{task}/{task}.jsonl                      fallback: the whole task in one file, used when the
+                                                        k/seed/split file is absent (sample it with
+                                                        make_episode)
+    {data_dir}/{task}/config.json                       optional task config, or
+    {data_dir}/_configs/{task}.json                     {"options": [...], "kind": "classification"}
+
+  Each line is ``{"task": str, "input": str, "output": str, "options": [str, ...]}`` with an optional
+  ``"id"``. A line without options (or with ``[]``) takes the config's options. A task whose lines all
+  share one option list is a classification task with those labels, otherwise multiple choice; a config
+  ``"kind"`` overrides that.
+
+CrossFit TSV (:func:`read_crossfit_task`, :func:`read_crossfit_tsv`): ``{data_dir}/{task}/{task}_{split}.tsv``
+  with lines ``input<TAB>output`` (both stripped). The options are the task config's (as above) or, with no
+  config, the sorted set of outputs in the file; the task is classification unless the config says otherwise.
+
+UnifiedQA TSV (:func:`read_unifiedqa_tsv`): lines ``question<TAB>answer`` where the question holds its
+  options as ``(A) text (B) text ...`` (or ``(a) ...``). The two-character sequence ``\\n`` separates the
+  stem, the options and any trailing context; the example's input is the stem and context joined by newlines.
+  The gold option is the one equal to the answer, ignoring case and whitespace.
+
+Column-mapped data (:func:`read_columns`): a ``datasets`` folder saved with ``save_to_disk`` (a Dataset, or a
+  DatasetDict with ``split``) or a JSONL file, read through a column mapping.
+
+Examples get the id ``"{task}:{line}"`` (``"{task}:{row}"`` for a datasets folder, rows counted from 0)
+unless the line carries an ``"id"``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from abmll.errors import DataError
+from abmll.tasks.data import KINDS, Example, Task
+
+SPLITS = ("train", "dev", "test")
+SETTING_KEYS = ("train", "test", "dev", "valid")
+_SPLIT_SUFFIX = re.compile(r"^(?P<name>.+?)_(?:(?P<k>\d+)_(?P<seed>\d+)_)?(?:train|dev|test)$")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _err(path: Path | str, msg: str, line: int | None = None, unit: str = "line") -> DataError:
+    return DataError(f"{path}: {unit} {line}: {msg}" if line is not None else f"{path}: {msg}")
+
+
+_TYPE_NAMES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
+
+
+def _tname(value: Any) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _read_text(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise _err(path, "no such file") from None
+    except OSError as e:
+        raise _err(path, f"cannot read the file ({e.strerror or e})") from None
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 file with their 1-based numbers (a BOM and ``\\r`` are dropped)."""
+    out = []
+    for n, raw in enumerate(_read_text(path).split(b"\n"), 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _err(
+                path, f"not valid UTF-8 (bad byte {raw[e.start]:#04x} at column {e.start + 1})", n
+            ) from None
+        text = (text.removeprefix("\ufeff") if n == 1 else text).rstrip("\r")
+        if text.strip():
+            out.append((n, text))
+    return out
+
+
+def _json_lines(path: Path) -> list[tuple[int, dict]]:
+    """The JSON objects of a JSONL file, one per non-blank line, with their line numbers."""
+    rows = []
+    for n, text in _lines(path):
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            why = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise _err(
+                path, f"invalid or truncated JSON ({why}); expected one JSON object per line", n
+            ) from None
+        if not isinstance(obj, dict):
+            raise _err(path, f"expected a JSON object, got {_tname(obj)}", n)
+        rows.append((n, obj))
+    if not rows:
+        raise _err(path, "empty file: expected at least one JSON line")
+    return rows
+
+
+def _read_json(path: Path) -> Any:
+    """A whole-file JSON document; decode and syntax errors name the line."""
+    data = _read_text(path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _err(path, "not valid UTF-8", data[: e.start].count(b"\n") + 1) from None
+    if not text.strip():
+        raise _err(path, "empty file: expected a JSON document")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _err(path, f"invalid JSON ({e.msg}, column {e.colno})", e.lineno) from None
+    except (ValueError, RecursionError) as e:
+        raise _err(path, f"invalid JSON ({e})") from None
+
+
+def _str_field(path: Path, n: int | None, obj: dict, key: str, required: bool = True, unit: str = "line"):
+    if key not in obj:
+        if required:
+            raise _err(path, f"missing field '{key}' (expected a string)", n, unit)
+        return None
+    if not isinstance(obj[key], str):
+        raise _err(path, f"field '{key}': expected a string, got {_tname(obj[key])}", n, unit)
+    return obj[key]
+
+
+def _options(path: Path, n: int | None, field: str, value: Any, unit: str = "line") -> tuple[str, ...]:
+    """Validate an option list: a list of at least 2 distinct strings."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(o, str) for o in value):
+        got = _tname(value) if not isinstance(value, (list, tuple)) else "a list with non-string items"
+        raise _err(path, f"field '{field}': expected a list of strings, got {got}", n, unit)
+    if len(value) < 2:
+        raise _err(
+            path, f"field '{field}': expected at least 2 options, got {len(value)} ({list(value)})", n, unit
+        )
+    dup = next((o for i, o in enumerate(value) if o in value[:i]), None)
+    if dup is not None:
+        raise _err(path, f"field '{field}': duplicate option {dup!r} in {list(value)}", n, unit)
+    return tuple(value)
+
+
+def _claim_id(path: Path, n: int, ex_id: str, seen: dict[str, int], unit: str = "line") -> str:
+    if ex_id in seen:
+        raise _err(path, f"duplicate example id {ex_id!r} (also on {unit} {seen[ex_id]})", n, unit)
+    seen[ex_id] = n
+    return ex_id
+
+
+def _line_id(
+    path: Path, n: int, obj: dict, key: str | None, name: str, seen: dict[str, int], unit="line"
+) -> str:
+    """The example id: the ``key`` field when present (a non-empty string or an integer), else name:line."""
+    if key is None or key not in obj:
+        return _claim_id(path, n, f"{name}:{n}", seen, unit)
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or v == "":
+        raise _err(path, f"field '{key}': expected a non-empty string or an integer id, got {v!r}", n, unit)
+    return _claim_id(path, n, str(v), seen, unit)
+
+
+def _make_task(name: str, examples: list[Example], source: Path | str, kind: str | None = None) -> Task:
+    """A Task whose kind is ``kind`` or inferred: classification iff all examples share their options."""
+    if not examples:
+        raise _err(source, f"empty task '{name}': no examples")
+    first = examples[0].options
+    kind = kind or ("classification" if all(ex.options == first for ex in examples) else "multiple_choice")
+    return Task(name, examples, kind, first if kind == "classification" else None, str(source))
+
+
+def _name_from_file(path: Path) -> str:
+    m = _SPLIT_SUFFIX.match(path.stem)
+    return m.group("name") if m else path.stem
+
+
+def _task_dir(data_dir: Path | str, task: str) -> Path:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise _err(data_dir, "no such data folder")
+    task_dir = data_dir / task
+    if not task_dir.is_dir():
+        have = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+        shown = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "")
+        raise _err(
+            task_dir, f"no folder for task '{task}' in {data_dir} (task folders there: {shown or 'none'})"
+        )
+    return task_dir
+
+
+def _missing_file(path: Path, task: str, what: str, pattern: str) -> DataError:
+    have = sorted(p.name for p in path.parent.glob(pattern))
+    return _err(path, f"no such file for task '{task}' ({what}); files for this task: {have or 'none'}")
+
+
+def _config_paths(task_dir: Path, task: str) -> list[Path]:
+    return [task_dir / "config.json", task_dir.parent / "_configs" / f"{task}.json"]
+
+
+def read_task_config(path: Path | str) -> dict:
+    """A task config file ``{"options": [...], "kind": ...}`` (both keys optional), validated."""
+    path = Path(path)
+    obj = _read_json(path)
+    if not isinstance(obj, dict):
+        raise _err(path, f"expected a JSON object with 'options' and/or 'kind', got {_tname(obj)}")
+    extra = sorted(set(obj) - {"options", "kind"})
+    if extra:
+        raise _err(path, f"unexpected keys {extra}; a task config has 'options' and 'kind'")
+    options = _options(path, None, "options", obj["options"]) if "options" in obj else None
+    kind = obj.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise _err(path, f"field 'kind': expected one of {list(KINDS)}, got {kind!r}")
+    return {"options": options, "kind": kind, "path": path}
+
+
+def find_task_config(task_dir: Path | str, task: str) -> dict | None:
+    """The config of ``task`` from ``{task_dir}/config.json`` or ``{task_dir}/../_configs/{task}.json``."""
+    for p in _config_paths(Path(task_dir), task):
+        if p.is_file():
+            return read_task_config(p)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ MetaICL JSONL
+
+
+def metaicl_path(data_dir: Path | str, task: str, k: int = 16, seed: int = 100, split: str = "train") -> Path:
+    """``{data_dir}/{task}/{task}_{k}_{seed}_{split}.jsonl``."""
+    return Path(data_dir) / task / f"{task}_{k}_{seed}_{split}.jsonl"
+
+
+def read_metaicl_file(path: Path | str, name: str | None = None, config: dict | None = None) -> Task:
+    """One MetaICL JSONL file as a Task. ``name`` defaults to the file name less ``_{k}_{seed}_{split}``;
+    ``config`` (from :func:`read_task_config`) defaults to the task's config file, if any."""
+    path = Path(path)
+    name = name or _name_from_file(path)
+    if config is None:
+        config = find_task_config(path.parent, name)
+    examples, seen = [], {}
+    for n, obj in _json_lines(path):
+        _str_field(path, n, obj, "task", required=False)
+        inp = _str_field(path, n, obj, "input")
+        out = _str_field(path, n, obj, "output")
+        raw = obj.get("options")
+        if raw is None or raw == []:
+            if config is None or config["options"] is None:
+                looked = " or ".join(str(p) for p in _config_paths(path.parent, name))
+                raise _err(
+                    path,
+                    f"no 'options' on this line and no task config with options for task "
+                    f"'{name}' (looked for {looked})",
+                    n,
+                )
+            options = config["options"]
+        else:
+            options = _options(path, n, "options", raw)
+        if out not in options:
+            raise _err(path, f"field 'output': {out!r} is not one of the options {list(options)}", n)
+        examples.append(Example(inp, options, options.index(out), _line_id(path, n, obj, "id", name, seen)))
+    return _make_task(name, examples, path, config and config["kind"])
+
+
+def read_metaicl_task(
+    data_dir: Path | str, task: str, k: int = 16, seed: int = 100, split: str = "train"
+) -> Task:
+    """The task's ``{task}_{k}_{seed}_{split}.jsonl`` file, or ``{task}.jsonl`` when that is absent."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    task_dir = _task_dir(data_dir, task)
+    path = metaicl_path(data_dir, task, k, seed, split)
+    if not path.is_file():
+        if not (task_dir / f"{task}.jsonl").is_file():
+            raise _missing_file(path, task, f"k={k}, seed={seed}, split={split}", "*.jsonl")
+        path = task_dir / f"{task}.jsonl"
+    return read_metaicl_file(path, name=task)
+
+
+def read_metaicl_split_files(
+    data_dir: Path | str, task: str, k: int = 16, seed: int = 100
+) -> dict[str, Task]:
+    """Every split file (train/dev/test) of ``task`` at this k and seed, as ``{split: Task}``."""
+    task_dir = _task_dir(data_dir, task)
+    out = {
+        s: read_metaicl_file(p, name=task)
+        for s in SPLITS
+        if (p := metaicl_path(data_dir, task, k, seed, s)).is_file()
+    }
+    if not out:
+        raise _missing_file(task_dir / f"{task}_{k}_{seed}_*.jsonl", task, f"k={k}, seed={seed}", "*.jsonl")
+    return out
+
+
+def load_metaicl_tasks(
+    data_dir: Path | str, names: Iterable[str], k: int = 16, seed: int = 100, split: str = "train"
+) -> dict[str, Task]:
+    """Several tasks by name (e.g. a setting's ``"train"`` list), as ``{name: Task}`` in the given order."""
+    names = list(names)
+    if not names:
+        raise DataError(f"{data_dir}: no task names given")
+    return {name: read_metaicl_task(data_dir, name, k, seed, split) for name in names}
+
+
+def read_setting(path: Path | str) -> dict[str, list[str]]:
+    """A MetaICL setting file ``{"train": [...], "test": [...]}`` (optionally "dev"/"valid" too): lists of
+    distinct task names, with no task in both train and test."""
+    path = Path(path)
+    obj = _read_json(path)
+    if not isinstance(obj, dict):
+        raise _err(
+            path, f"expected a JSON object with 'train' and 'test' lists of task names, got {_tname(obj)}"
+        )
+    extra = sorted(set(obj) - set(SETTING_KEYS))
+    if extra:
+        raise _err(path, f"unexpected keys {extra}; expected {list(SETTING_KEYS)}")
+    for key in ("train", "test"):
+        if key not in obj:
+            raise _err(path, f"missing key '{key}' (expected a list of task names)")
+    for key, names in obj.items():
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(t, str) and t.strip() for t in names)
+        ):
+            raise _err(path, f"field '{key}': expected a non-empty list of non-empty task-name strings")
+        dup = sorted({t for i, t in enumerate(names) if t in names[:i]})
+        if dup:
+            raise _err(path, f"field '{key}': duplicate task names {dup}")
+    overlap = sorted(set(obj["train"]) & set(obj["test"]))
+    if overlap:
+        raise _err(path, f"tasks in both 'train' and 'test' (they must be disjoint): {overlap}")
+    return {key: list(names) for key, names in obj.items()}
+
+
+def write_metaicl_task(
+    task: Task, data_dir: Path | str, k: int = 16, seed: int = 100, split: str = "train"
+) -> Path:
+    """Write ``task`` as ``{data_dir}/{task}/{task}_{k}_{seed}_{split}.jsonl`` (options on every line, the
+    example id as ``"id"`` when set); returns the file's path."""
+    _check_ids(task)
+    path = metaicl_path(data_dir, task.name, k, seed, split)
+    lines = [
+        {"task": task.name, "input": ex.input, "output": ex.answer, "options": list(ex.options)}
+        | ({"id": ex.id} if ex.id else {})
+        for ex in task.examples
+    ]
+    return _write_lines(path, (json.dumps(line, ensure_ascii=False) for line in lines))
+
+
+def _check_ids(task: Task) -> None:
+    ids = [ex.id for ex in task.examples if ex.id]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataError(f"task '{task.name}': duplicate example ids {dup}; the file could not be read back")
+
+
+def _write_lines(path: Path, lines: Iterable[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# -------------------------------------------------------------------------------------------- CrossFit TSV
+
+
+def _tsv_rows(path: Path) -> list[tuple[int, str, str]]:
+    rows = []
+    for n, text in _lines(path):
+        parts = text.split("\t")
+        if len(parts) != 2:
+            raise _err(
+                path, f"expected 'input<TAB>output' with exactly one tab, found {len(parts) - 1} tabs", n
+            )
+        a, b = parts[0].strip(), parts[1].strip()
+        if not a or not b:
+            raise _err(path, f"empty {'input' if not a else 'output'} field; expected 'input<TAB>output'", n)
+        rows.append((n, a, b))
+    if not rows:
+        raise _err(path, "empty file: expected lines 'input<TAB>output'")
+    return rows
+
+
+def read_crossfit_tsv(path: Path | str, name: str | None = None, config: dict | None = None) -> Task:
+    """A CrossFit TSV file. Options come from ``config`` or the task's config file, else they are the sorted
+    distinct outputs of the file."""
+    path = Path(path)
+    name = name or _name_from_file(path)
+    rows = _tsv_rows(path)
+    if config is None:
+        config = find_task_config(path.parent, name)
+    options = (
+        config["options"] if config and config["options"] else tuple(sorted({out for _, _, out in rows}))
+    )
+    if len(options) < 2:
+        looked = " or ".join(str(p) for p in _config_paths(path.parent, name))
+        raise _err(
+            path,
+            f"task '{name}' has one distinct output {options[0]!r} and no task config with options "
+            f"(looked for {looked}); a classification task needs at least 2 labels",
+        )
+    examples, seen = [], {}
+    for n, inp, out in rows:
+        if out not in options:
+            src = config["path"] if config else "the outputs"
+            raise _err(path, f"output {out!r} is not one of the options {list(options)} (from {src})", n)
+        examples.append(Example(inp, options, options.index(out), _claim_id(path, n, f"{name}:{n}", seen)))
+    return _make_task(name, examples, path, (config and config["kind"]) or "classification")
+
+
+def read_crossfit_task(data_dir: Path | str, task: str, split: str = "train") -> Task:
+    """``{data_dir}/{task}/{task}_{split}.tsv`` as a Task."""
+    task_dir = _task_dir(data_dir, task)
+    path = task_dir / f"{task}_{split}.tsv"
+    if not path.is_file():
+        raise _missing_file(path, task, f"split={split}", "*.tsv")
+    return read_crossfit_tsv(path, name=task)
+
+
+def _check_tsv_text(task: Task, ex: Example, texts: Sequence[str]) -> None:
+    for t in texts:
+        if "\t" in t or "\n" in t or "\r" in t or t != t.strip() or not t:
+            raise DataError(
+                f"task '{task.name}' example {ex.id!r}: {t!r} cannot be written to a TSV line "
+                "(empty, surrounding whitespace, tab or newline)"
+            )
+
+
+def write_tsv(task: Task, path: Path | str, config: bool = True) -> Path:
+    """Write a classification ``task`` as a CrossFit TSV (``input<TAB>output`` lines) and, with ``config``,
+    its labels and kind to ``config.json`` beside it (so the label order survives); returns the TSV path."""
+    path = Path(path)
+    if task.kind != "classification":
+        raise DataError(
+            f"task '{task.name}': a CrossFit TSV holds classification tasks only, not {task.kind}"
+        )
+    for ex in task.examples:
+        _check_tsv_text(task, ex, [ex.input, ex.answer])
+    _write_lines(path, (f"{ex.input}\t{ex.answer}" for ex in task.examples))
+    if config:
+        cfg = {"options": list(task.labels), "kind": task.kind}
+        (path.parent / "config.json").write_text(json.dumps(cfg, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- UnifiedQA TSV
+
+_UQA_SEP = "\\n"  # the literal two characters UnifiedQA uses between the stem, the options and a context
+_MARK = re.compile(r"(?:(?<=\s)|(?<=\\n)|^)\(([A-Za-z])\)")
+
+
+def parse_unifiedqa_question(question: str) -> tuple[str, tuple[str, ...]] | None:
+    """Split a UnifiedQA question into (input, options); None when it has no ``(A)``/``(a)`` marker.
+    The input is the stem and any text after the options (a context), joined by newlines."""
+    first = next((m for m in _MARK.finditer(question) if m.group(1) in "aA"), None)
+    if first is None:
+        return None
+    body, _, context = question[first.start() :].partition(_UQA_SEP)
+    upper = first.group(1) == "A"
+    marks = []
+    for m in _MARK.finditer(body):
+        want = chr(ord("a") + len(marks))
+        if m.group(1) == (want.upper() if upper else want):
+            marks.append(m)
+    ends = [m.start() for m in marks[1:]] + [len(body)]
+    options = tuple(body[m.end() : end].strip() for m, end in zip(marks, ends, strict=True))
+    pieces = question[: first.start()].split(_UQA_SEP) + context.split(_UQA_SEP)
+    return "\n".join(p.strip() for p in pieces if p.strip()), options
+
+
+def read_unifiedqa_tsv(path: Path | str, name: str | None = None) -> Task:
+    """A UnifiedQA multiple-choice TSV file (``question<TAB>answer`` lines) as a Task."""
+    path = Path(path)
+    name = name or _name_from_file(path)
+    examples, seen = [], {}
+
+    def norm(s: str) -> str:
+        return " ".join(s.split()).casefold()
+
+    for n, question, answer in _tsv_rows(path):
+        parsed = parse_unifiedqa_question(question)
+        if parsed is None:
+            raise _err(
+                path,
+                "no answer options found in the question; expected '(A) text (B) text ...' "
+                "or '(a) text (b) text ...'",
+                n,
+            )
+        inp, options = parsed
+        if len(options) < 2:
+            raise _err(
+                path, f"expected at least 2 options in the question, found {len(options)} {list(options)}", n
+            )
+        empty = [chr(ord("A") + i) for i, o in enumerate(options) if not o]
+        if empty:
+            raise _err(path, f"option(s) {empty} have no text", n)
+        if not inp:
+            raise _err(path, "the question has no text before its options", n)
+        hits = [i for i, o in enumerate(options) if norm(o) == norm(answer)]
+        if len(hits) != 1:
+            why = "is not among" if not hits else "matches more than one of"
+            raise _err(path, f"answer {answer!r} {why} the options {list(options)}", n)
+        examples.append(Example(inp, options, hits[0], _claim_id(path, n, f"{name}:{n}", seen)))
+    return _make_task(name, examples, path)
+
+
+def write_unifiedqa_tsv(task: Task, path: Path | str) -> Path:
+    """Write ``task`` as UnifiedQA TSV lines ``input \\n (A) opt (B) opt ...<TAB>answer``; newlines in the
+    input become the literal ``\\n``. Returns the path."""
+    path = Path(path)
+    lines = []
+    for ex in task.examples:
+        if len(ex.options) > 26:
+            raise DataError(f"task '{task.name}' example {ex.id!r}: more than 26 options")
+        parts = ex.input.split("\n")
+        _check_tsv_text(task, ex, [*parts, *ex.options])
+        opts = " ".join(f"({chr(ord('A') + i)}) {o}" for i, o in enumerate(ex.options))
+        lines.append(f"{f' {_UQA_SEP} '.join(parts)} {_UQA_SEP} {opts}\t{ex.answer}")
+    return _write_lines(path, lines)
+
+
+# ---------------------------------------------------------------------------------------- column mappings
+
+_MAPPING_KEYS = ("input", "options", "label_names", "gold", "id")
+
+
+def _check_mapping(mapping: Any, where: str) -> dict:
+    def bad(msg: str) -> DataError:
+        return DataError(f"{where}: column mapping: {msg}")
+
+    if not isinstance(mapping, dict):
+        raise bad(f"expected a dict with keys {list(_MAPPING_KEYS)}, got {_tname(mapping)}")
+    extra = sorted(set(mapping) - set(_MAPPING_KEYS))
+    if extra:
+        raise bad(f"unexpected keys {extra}; expected {list(_MAPPING_KEYS)}")
+    for key in ("input", "gold"):
+        if key not in mapping:
+            raise bad(f"missing key '{key}'")
+    inputs = [mapping["input"]] if isinstance(mapping["input"], str) else mapping["input"]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(c, str) and c for c in inputs):
+        raise bad("'input' must be a column name or a non-empty list of column names")
+    for key in ("options", "gold", "id"):
+        if key in mapping and not (isinstance(mapping[key], str) and mapping[key]):
+            raise bad(f"'{key}' must be a column name, got {mapping[key]!r}")
+    if "options" in mapping and "label_names" in mapping:
+        raise bad("give either 'options' (a list column) or 'label_names', not both")
+    labels = mapping.get("label_names")
+    if labels is not None:
+        labels = _options(f"{where}: column mapping", None, "label_names", labels)
+    return {
+        "input": inputs,
+        "options": mapping.get("options"),
+        "labels": labels,
+        "gold": mapping["gold"],
+        "id": mapping.get("id"),
+    }
+
+
+def _load_dataset_rows(path: Path, split: str | None) -> tuple[Any, str]:
+    try:
+        import datasets
+    except ImportError:
+        raise _err(
+            path, "reading a datasets folder needs the 'datasets' package: pip install datasets"
+        ) from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure here means the folder is not a saved dataset
+        raise _err(path, f"not a dataset folder saved with save_to_disk ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise _err(path, f"a DatasetDict: pass split= one of {sorted(ds)} (got {split!r})")
+        return ds[split], f"{path}[{split}]"
+    if split is not None:
+        raise _err(path, f"a single Dataset, not a DatasetDict; it has no split {split!r}")
+    return ds, str(path)
+
+
+def read_columns(path: Path | str, mapping: dict, name: str | None = None, split: str | None = None) -> Task:
+    """A ``datasets`` folder (``save_to_disk``) or a JSONL file read through a column mapping:
+    ``{"input": col | [cols] (joined by newlines), "options": list col | "label_names": [...],
+    "gold": col (an int index or the answer string), "id": col (optional)}``. For a folder whose gold column
+    is a ClassLabel, ``label_names`` default to its names. ``split`` picks a DatasetDict's split."""
+    path = Path(path)
+    m = _check_mapping(mapping, str(path))
+    unit = "row" if path.is_dir() else "line"
+    if path.is_dir():
+        ds, source = _load_dataset_rows(path, split)
+        needed = [*m["input"], m["gold"]] + [m[key] for key in ("options", "id") if m[key]]
+        for col in needed:
+            if col not in ds.column_names:
+                raise _err(
+                    source,
+                    f"column '{col}' named in the mapping is not in the dataset (columns: {ds.column_names})",
+                )
+        if m["options"] is None and m["labels"] is None:
+            feature = ds.features[m["gold"]]
+            if type(feature).__name__ == "ClassLabel":
+                m["labels"] = _options(source, None, f"{m['gold']} (ClassLabel names)", feature.names)
+        rows: Iterable[tuple[int, dict]] = enumerate(ds)
+        name = name or path.name
+    else:
+        if split is not None:
+            raise _err(path, f"split={split!r} applies to a datasets folder, not a JSONL file")
+        rows, source, name = _json_lines(path), str(path), name or path.stem
+    if m["options"] is None and m["labels"] is None:
+        raise _err(source, "the column mapping needs 'options' (a list column) or 'label_names'")
+    examples, seen = [], {}
+    for n, rec in rows:
+        texts = []
+        for col in m["input"]:
+            if col not in rec:
+                raise _err(source, f"missing field '{col}' (the mapping's input column)", n, unit)
+            texts.append(_str_field(source, n, rec, col, unit=unit))
+        if m["labels"] is not None:
+            options = m["labels"]
+        elif m["options"] not in rec:
+            raise _err(source, f"missing field '{m['options']}' (the mapping's options column)", n, unit)
+        else:
+            options = _options(source, n, m["options"], rec[m["options"]], unit)
+        gold_col = m["gold"]
+        if gold_col not in rec:
+            raise _err(source, f"missing field '{gold_col}' (the mapping's gold column)", n, unit)
+        gold = rec[gold_col]
+        if isinstance(gold, bool) or not isinstance(gold, (int, str)):
+            raise _err(
+                source,
+                f"field '{gold_col}': expected an option index or the answer string, got {_tname(gold)}",
+                n,
+                unit,
+            )
+        if isinstance(gold, int) and not 0 <= gold < len(options):
+            raise _err(
+                source,
+                f"field '{gold_col}': gold index {gold} out of range for {len(options)} options "
+                f"{list(options)}",
+                n,
+                unit,
+            )
+        if isinstance(gold, str):
+            if gold not in options:
+                raise _err(
+                    source,
+                    f"field '{gold_col}': answer {gold!r} is not one of the options {list(options)}",
+                    n,
+                    unit,
+                )
+            gold = options.index(gold)
+        ex_id = _line_id(source, n, rec, m["id"], name, seen, unit)
+        examples.append(Example("\n".join(texts), options, gold, ex_id))
+    return _make_task(name, examples, source, "classification" if m["labels"] is not None else None)
+
+
+def write_jsonl(task: Task, path: Path | str) -> Path:
+    """Write ``task`` as JSONL lines ``{"id", "input", "options", "gold"}`` (gold an index), readable with
+    ``read_columns(path, {"input": "input", "options": "options", "gold": "gold", "id": "id"})``."""
+    _check_ids(task)
+    lines = (
+        {
+            "id": ex.id or f"{task.name}:{i + 1}",
+            "input": ex.input,
+            "options": list(ex.options),
+            "gold": ex.gold,
+        }
+        for i, ex in enumerate(task.examples)
+    )
+    return _write_lines(Path(path), (json.dumps(line, ensure_ascii=False) for line in lines))
