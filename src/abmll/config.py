@@ -217,10 +217,14 @@ class MetaConfig:
     micro_batch_size: int = field(
         default=8, metadata={"help": "Examples per forward pass; larger sets are processed in chunks."}
     )
+    support_size: int = field(default=16, metadata={"help": "k: support examples per meta-training episode."})
+    query_size: int = field(default=16, metadata={"help": "Query examples per meta-training episode."})
     checkpoint_every: int = field(default=50, metadata={"help": "Save a checkpoint every N meta-steps."})
 
     def __post_init__(self) -> None:
-        for name in ("meta_steps", "meta_batch_size", "micro_batch_size", "checkpoint_every"):
+        for name in (
+            "meta_steps", "meta_batch_size", "micro_batch_size", "support_size", "query_size", "checkpoint_every"
+        ):
             value = getattr(self, name)
             low = 0 if name == "meta_steps" else 1
             _check(isinstance(value, int) and value >= low, f"meta.{name}", value, f"an integer ≥ {low}")

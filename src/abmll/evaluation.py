@@ -1,0 +1,185 @@
+"""Evaluate a method on unseen tasks: adapt on each k-shot support set, predict the query set, compute the
+metrics of METHOD.md section 5 per seed, per task (mean over seeds, 95 % t-interval) and across tasks
+(macro-average), and keep every per-example probability.
+
+``results.json`` schema (stable)::
+
+    {"method", "model", "config", "versions", "k", "seeds",
+     "tasks": {NAME: {"n", "accuracy", "macro_f1", "ece", "mce", "nll", "brier", "majority_accuracy",
+                      "top_prediction_share", "auroc", "reliability", "interval": {METRIC: {mean, low, high, n}},
+                      "per_seed": [{"seed", METRIC...}]}},
+     "mean": {METRIC..., "n_tasks", "interval": {METRIC: {mean, low, high, n}}}}
+
+Task metrics are the means over seeds; ``reliability`` pools the predictions of all seeds; ``mean`` is the
+macro-average over tasks, with its interval taken over the per-seed macro-averages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abmll.checkpoint import versions, write_json_atomic
+from abmll.errors import DataError
+from abmll.methods.base import Method
+from abmll.metrics import macro_average, mean_interval, reliability_bins, task_metrics
+from abmll.tasks.data import Episode, make_episode
+from abmll.tasks.readers import metaicl_path, read_metaicl_file, read_metaicl_task
+
+SCALARS = (
+    "accuracy",
+    "macro_f1",
+    "ece",
+    "mce",
+    "nll",
+    "brier",
+    "majority_accuracy",
+    "top_prediction_share",
+    "auroc",
+)
+ProgressFn = Callable[[str, int, int], None]
+
+
+def load_episodes(
+    data_dir: str | Path, tasks: Sequence[str], k: int, seeds: Sequence[int], query_size: int | None = None
+) -> dict[str, list[Episode]]:
+    """Episodes of each task and seed: MetaICL's ``{task}_{k}_{seed}_train.jsonl`` (support) and
+    ``…_test.jsonl`` (query) when both exist, else sampled from the whole task file with that seed."""
+    out: dict[str, list[Episode]] = {}
+    for name in tasks:
+        episodes = []
+        for seed in seeds:
+            support_file = metaicl_path(data_dir, name, k, seed, "train")
+            query_file = metaicl_path(data_dir, name, k, seed, "test")
+            if support_file.is_file() and query_file.is_file():
+                support = read_metaicl_file(support_file, name).examples
+                query = read_metaicl_file(query_file, name).examples
+                if len(support) != k:
+                    raise DataError(f"{support_file}: holds {len(support)} examples, expected k = {k}")
+                if query_size is not None:
+                    query = query[:query_size]
+                episodes.append(Episode(name, support, query, seed))
+            else:
+                task = read_metaicl_task(data_dir, name, k=k, seed=seed, split="test")
+                episodes.append(make_episode(task, k, seed, query_size=query_size))
+        out[name] = episodes
+    return out
+
+
+def evaluate(
+    method: Method, episodes: dict[str, list[Episode]], progress: ProgressFn | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(results without run metadata, per-example predictions) for every task and seed."""
+    tasks: dict[str, Any] = {}
+    predictions: list[dict[str, Any]] = []
+    per_seed_by_seed: dict[int, list[dict]] = {}
+    total = sum(len(v) for v in episodes.values())
+    done = 0
+    for name, eps in episodes.items():
+        per_seed, pooled_p, pooled_g = [], [], []
+        for ep in eps:
+            if progress is not None:
+                progress(f"{method.name}: {name} seed {ep.seed}", done, total)
+            adapted = method.adapt(ep.support, ep.seed)
+            probs = method.predict(adapted, ep.query, ep.seed)
+            gold = torch.tensor([ex.gold for ex in ep.query])
+            metrics = task_metrics(probs, gold)
+            metrics.pop("reliability")
+            per_seed.append({"seed": ep.seed, **metrics})
+            per_seed_by_seed.setdefault(ep.seed, []).append(metrics)
+            pooled_p.append(probs)
+            pooled_g.append(gold)
+            for ex, row in zip(ep.query, probs.tolist(), strict=True):
+                predictions.append(
+                    {
+                        "task": name,
+                        "seed": ep.seed,
+                        "id": ex.id,
+                        "gold": ex.gold,
+                        "probs": row[: len(ex.options)],
+                    }
+                )
+            done += 1
+        summary: dict[str, Any] = {"n": per_seed[0]["n"]}
+        for key in SCALARS:
+            values = [r[key] for r in per_seed if r[key] is not None]
+            summary[key] = sum(values) / len(values) if values else None
+        width = max(p.shape[1] for p in pooled_p)  # seeds may differ in their widest example
+        pooled = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in pooled_p])
+        summary["reliability"] = reliability_bins(pooled, torch.cat(pooled_g))
+        summary["interval"] = {
+            key: mean_interval([r[key] for r in per_seed]) for key in SCALARS if summary[key] is not None
+        }
+        summary["per_seed"] = per_seed
+        tasks[name] = summary
+    if progress is not None:
+        progress(f"{method.name}: done", total, total)
+    mean = macro_average([{k: v for k, v in t.items() if k in SCALARS or k == "n"} for t in tasks.values()])
+    seed_means = [macro_average(rows) for rows in per_seed_by_seed.values()]
+    mean["interval"] = {
+        key: mean_interval([m[key] for m in seed_means]) for key in SCALARS if mean.get(key) is not None
+    }
+    return {"tasks": tasks, "mean": mean}, predictions
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """A Markdown table: per task and mean, accuracy, ECE (%), NLL, Brier and the diagnostics."""
+    seeds = results.get("seeds", [])
+    lines = [
+        f"Method `{results.get('method')}` on model `{results.get('model')}`, k = {results.get('k')}, "
+        f"seeds {seeds}. Values are means over seeds"
+        + (" ± 95 % t-interval half-width." if len(seeds) > 1 else "."),
+        "",
+        "| task | n | accuracy | ECE % | NLL | Brier | macro-F1 | majority acc | top-pred share | AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+        value = row.get(key)
+        if value is None:
+            return "–"
+        text = f"{value * scale:.{digits}f}"
+        interval = row.get("interval", {}).get(key)
+        if interval and interval["n"] > 1:
+            text += f" ± {(interval['high'] - interval['mean']) * scale:.{digits}f}"
+        return text
+
+    rows = list(results["tasks"].items()) + [("**mean**", results["mean"])]
+    for name, row in rows:
+        n = row.get("n")
+        lines.append(
+            f"| {name} | {n:.0f} | {cell(row, 'accuracy')} | {cell(row, 'ece', 100, 1)} | {cell(row, 'nll')} | "
+            f"{cell(row, 'brier')} | {cell(row, 'macro_f1')} | {cell(row, 'majority_accuracy')} | "
+            f"{cell(row, 'top_prediction_share')} | {cell(row, 'auroc')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    out_dir: str | Path,
+    results: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> Path:
+    """Write ``predictions.jsonl``, ``results.md`` and, last and atomically, ``results.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    full = {**meta, "versions": versions(), **results}
+    tmp = out / ".predictions.jsonl.tmp"
+    with open(tmp, "w") as fh:
+        for row in predictions:
+            fh.write(json.dumps(row) + "\n")
+    os.replace(tmp, out / "predictions.jsonl")
+    (out / "results.md").write_text(results_markdown(full))
+    write_json_atomic(out / "results.json", full)
+    return out / "results.json"
+
+
+def clear_results(out_dir: str | Path) -> None:
+    """Remove a previous ``results.json`` so that an interrupted run never leaves one that looks complete."""
+    Path(out_dir, "results.json").unlink(missing_ok=True)

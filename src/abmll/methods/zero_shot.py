@@ -1,0 +1,29 @@
+"""``zero-shot``: the base model with no adaptation (METHOD.md section 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from abmll.bayes.inject import adapters_disabled
+from abmll.inner import chunks
+from abmll.methods.base import Method
+from abmll.tasks.data import Example
+
+
+class ZeroShot(Method):
+    """Scores the query with the base model; the support set is ignored."""
+
+    name = "zero-shot"
+
+    def adapt(self, support: Sequence[Example], seed: int) -> None:
+        return None
+
+    @torch.no_grad()
+    def predict(self, adapted: None, query: Sequence[Example], seed: int) -> torch.Tensor:
+        out = []
+        with adapters_disabled(self.model):
+            for chunk in chunks(list(query), self.config.meta.micro_batch_size):
+                out.append(torch.softmax(self.scorer(self.model, chunk), dim=-1))
+        return torch.cat(out).cpu()
