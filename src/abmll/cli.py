@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -33,6 +34,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+
+
+@app.callback()
+def _setup() -> None:
+    """Meta-learn Bayesian LoRA adapters (ABMLL) for causal language models, and evaluate them on unseen tasks."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars report the work
 
 ModelOpt = Annotated[
     str | None,
@@ -54,9 +63,7 @@ SettingOpt = Annotated[
     Path | None,
     typer.Option("--setting", help='A setting file {"train": [...], "test": [...]} naming the tasks.'),
 ]
-TasksOpt = Annotated[
-    str | None, typer.Option("--tasks", help="Comma-separated task names (instead of --setting).")
-]
+TasksOpt = Annotated[str | None, typer.Option("--tasks", help="Comma-separated task names (instead of --setting).")]
 SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Seed of initialisation, task sampling and weight samples.")
 ]
@@ -64,7 +71,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="'auto' (CUDA when avai
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    # The message is escaped (paths and values may hold '[...]') and never hard-wrapped (one line in logs).
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -95,9 +103,7 @@ def _parse_sets(values: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in values or []:
         if "=" not in item:
-            raise ConfigError(
-                f"--set {item!r} is invalid: expected FIELD=VALUE, e.g. --set inner.inner_lr=0.05"
-            )
+            raise ConfigError(f"--set {item!r} is invalid: expected FIELD=VALUE, e.g. --set inner.inner_lr=0.05")
         key, raw = item.split("=", 1)
         try:
             out[key.strip()] = json.loads(raw)
@@ -110,9 +116,7 @@ def _parse_ints(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(
-            f"{option} {text!r} is invalid: expected comma-separated integers, e.g. 100,13,21"
-        ) from None
+        raise ConfigError(f"{option} {text!r} is invalid: expected comma-separated integers, e.g. 100,13,21") from None
     if not values:
         raise ConfigError(f"{option} is empty: expected at least one integer")
     return values
@@ -128,9 +132,7 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _data_and_tasks(
-    data: Path | None, setting: Path | None, tasks: str | None, group: str
-) -> tuple[Path, list[str]]:
+def _data_and_tasks(data: Path | None, setting: Path | None, tasks: str | None, group: str) -> tuple[Path, list[str]]:
     from abmll.tasks.readers import read_setting
 
     if data is None:
@@ -168,9 +170,7 @@ def fetch() -> None:
 
 @app.command()
 def train(
-    out: Annotated[
-        Path, typer.Option("--out", help="Output folder: config, log.jsonl, checkpoints, final θ.")
-    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: config, log.jsonl, checkpoints, final θ.")],
     config: Annotated[Path | None, typer.Option("--config", help="A YAML or JSON config file.")] = None,
     preset: Annotated[
         str | None, typer.Option("--preset", help="Start from a preset: default, paper-v1, paper-v2.")
@@ -181,9 +181,7 @@ def train(
     tasks: TasksOpt = None,
     method: Annotated[str, typer.Option("--method", help="Training algorithm.")] = "abmll",
     seed: SeedOpt = None,
-    steps: Annotated[
-        int | None, typer.Option("--steps", help="Meta-steps (overrides meta.meta_steps).")
-    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Meta-steps (overrides meta.meta_steps).")] = None,
     sets: Annotated[
         list[str] | None, typer.Option("--set", help="Override any config field: --set inner.inner_lr=0.05.")
     ] = None,
@@ -243,9 +241,7 @@ def _build(model_name: str | None, method: str, cfg, device: str):
 
 @app.command()
 def evaluate(
-    out: Annotated[
-        Path, typer.Option("--out", help="Output folder: results.json, results.md, predictions.jsonl.")
-    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: results.json, results.md, predictions.jsonl.")],
     model: ModelOpt = None,
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="A checkpoint folder (e.g. OUT/final of abmll train).")
@@ -254,19 +250,13 @@ def evaluate(
     setting: SettingOpt = None,
     tasks: TasksOpt = None,
     k: Annotated[int, typer.Option("--k", help="Support examples per task (k-shot).")] = 16,
-    seeds: Annotated[
-        str, typer.Option("--seeds", help="Comma-separated support-set seeds.")
-    ] = "100,13,21,42,87",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated support-set seeds.")] = "100,13,21,42,87",
     inner_steps: Annotated[
         int | None,
         typer.Option("--inner-steps", help="K_test: adaptation steps (overrides the checkpoint's)."),
     ] = None,
-    samples: Annotated[
-        int | None, typer.Option("--samples", help="S: posterior samples per prediction.")
-    ] = None,
-    mode: Annotated[
-        str | None, typer.Option("--mode", help="Predictive: 'sample' (S samples) or 'mean'.")
-    ] = None,
+    samples: Annotated[int | None, typer.Option("--samples", help="S: posterior samples per prediction.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="Predictive: 'sample' (S samples) or 'mean'.")] = None,
     query_size: Annotated[
         int | None, typer.Option("--query-size", help="Cap on query examples per task and seed.")
     ] = None,
@@ -291,9 +281,7 @@ def evaluate(
         cfg = ckpt["config"] if ckpt else ABMLLConfig()
         method = method or (ckpt["info"].get("method", "abmll") if ckpt else "abmll")
         if ckpt is None and method != "zero-shot":
-            raise ConfigError(
-                f"--method {method} needs --checkpoint (a trained θ); only zero-shot runs without one"
-            )
+            raise ConfigError(f"--method {method} needs --checkpoint (a trained θ); only zero-shot runs without one")
         overrides = _parse_sets(sets)
         if inner_steps is not None:
             overrides["inner.test_inner_steps"] = inner_steps
@@ -310,9 +298,7 @@ def evaluate(
             load_prior_into(mdl, checkpoint)
         with _progress() as bar:
             job = bar.add_task("evaluating", total=sum(len(v) for v in episodes.values()))
-            results, predictions = run_eval(
-                method_obj, episodes, lambda d, i, n: bar.update(job, completed=i, description=d)
-            )
+            predictions = run_eval(method_obj, episodes, lambda d, i, n: bar.update(job, completed=i, description=d))
         meta = {
             "method": method,
             "model": model_name,
@@ -322,9 +308,95 @@ def evaluate(
             "seeds": seed_list,
             "config": cfg.to_dict(),
         }
-        path = write_results(out, results, predictions, meta)
+        write_results(out, predictions, meta)
         console.print((out / "results.md").read_text(), markup=False, highlight=False)
-        console.print(f"results: {path}")
+        console.print(f"results: {out / 'results.json'}")
+
+
+MethodsOpt = Annotated[
+    str, typer.Option("--methods", help="Comma-separated methods to compare (zero-shot, lora, structured-lora, abmll).")
+]
+PresetOpt = Annotated[str, typer.Option("--preset", help="Budget: smoke (CI, minutes), quick (~20 min), full (hours).")]
+
+
+def _run_comparison(
+    methods: str,
+    preset: str,
+    data: Path | None,
+    setting: Path | None,
+    model: str | None,
+    seeds: str | None,
+    out: Path,
+    resume: bool,
+    k: int = 16,
+) -> None:
+    import time
+
+    from abmll.compare import from_preset, run_comparison
+
+    if data is None:
+        from abmll.suite import build_suite
+
+        data = build_suite(progress=console.print)
+    if not data.is_dir():
+        raise ConfigError(f"--data {data} is not a folder")
+    comparison = from_preset(preset, [m.strip() for m in methods.split(",") if m.strip()], data, model, setting)
+    if seeds:
+        comparison.seeds = _parse_ints(seeds, "--seeds")
+    if k < 1:
+        raise ConfigError(f"--k {k} is invalid: expected an integer ≥ 1")
+    comparison.k = k
+    start = time.perf_counter()
+    with _progress() as bar:
+        job = bar.add_task("starting", total=None)
+
+        def show(what: str, record: dict) -> None:
+            if "total" in record:
+                bar.update(job, description=what, completed=record["done"], total=record["total"])
+            else:
+                total = comparison.config.meta.meta_steps
+                bar.update(
+                    job,
+                    description=f"{what} (outer NLL {record['outer_nll']:.3f})",
+                    completed=record["step"],
+                    total=total,
+                )
+
+        results = run_comparison(comparison, out, resume=resume, progress=show)
+    from abmll.report import comparison_table
+
+    console.print(comparison_table(results["methods"]), markup=False, highlight=False)
+    console.print(f"report: {out / 'report.md'} ({time.perf_counter() - start:.0f} s)")
+
+
+@app.command()
+def compare(
+    out: Annotated[Path, typer.Option("--out", help="Report folder.")],
+    methods: MethodsOpt = "zero-shot,lora,abmll",
+    preset: PresetOpt = "quick",
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    setting: SettingOpt = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (default: the preset's).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
+    k: Annotated[int, typer.Option("--k", help="Support examples per test task (k-shot).")] = 16,
+) -> None:
+    """Run several methods on the same tasks, support sets, scorer and budget, and write a report."""
+    with _errors():
+        _run_comparison(methods, preset, data, setting, model, seeds, out, resume, k)
+
+
+@app.command()
+def demo(
+    preset: PresetOpt = "quick",
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default runs/demo-PRESET).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
+) -> None:
+    """ABMLL against regular LoRA and zero-shot on the embedded SmolLM2-135M and the built-in suite."""
+    with _errors():
+        _run_comparison(
+            "zero-shot,lora,abmll", preset, None, None, None, None, out or Path(f"runs/demo-{preset}"), resume
+        )
 
 
 def main() -> None:  # pragma: no cover - console entry point

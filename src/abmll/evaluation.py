@@ -11,7 +11,8 @@ metrics of METHOD.md section 5 per seed, per task (mean over seeds, 95 % t-inter
      "mean": {METRIC..., "n_tasks", "interval": {METRIC: {mean, low, high, n}}}}
 
 Task metrics are the means over seeds; ``reliability`` pools the predictions of all seeds; ``mean`` is the
-macro-average over tasks, with its interval taken over the per-seed macro-averages.
+macro-average over tasks, with its interval taken over the per-seed macro-averages. Everything is computed
+from the per-example probabilities kept in ``predictions.jsonl`` (:func:`summarise`).
 """
 
 from __future__ import annotations
@@ -73,58 +74,63 @@ def load_episodes(
 
 def evaluate(
     method: Method, episodes: dict[str, list[Episode]], progress: ProgressFn | None = None
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(results without run metadata, per-example predictions) for every task and seed."""
-    tasks: dict[str, Any] = {}
+) -> list[dict[str, Any]]:
+    """Per-example predictions ``{"task", "seed", "id", "gold", "probs"}`` for every task and seed."""
     predictions: list[dict[str, Any]] = []
-    per_seed_by_seed: dict[int, list[dict]] = {}
     total = sum(len(v) for v in episodes.values())
     done = 0
     for name, eps in episodes.items():
-        per_seed, pooled_p, pooled_g = [], [], []
         for ep in eps:
             if progress is not None:
                 progress(f"{method.name}: {name} seed {ep.seed}", done, total)
-            adapted = method.adapt(ep.support, ep.seed)
-            probs = method.predict(adapted, ep.query, ep.seed)
-            gold = torch.tensor([ex.gold for ex in ep.query])
-            metrics = task_metrics(probs, gold)
-            metrics.pop("reliability")
-            per_seed.append({"seed": ep.seed, **metrics})
-            per_seed_by_seed.setdefault(ep.seed, []).append(metrics)
-            pooled_p.append(probs)
-            pooled_g.append(gold)
+            probs = method.predict(method.adapt(ep.support, ep.seed), ep.query, ep.seed)
             for ex, row in zip(ep.query, probs.tolist(), strict=True):
                 predictions.append(
-                    {
-                        "task": name,
-                        "seed": ep.seed,
-                        "id": ex.id,
-                        "gold": ex.gold,
-                        "probs": row[: len(ex.options)],
-                    }
+                    {"task": name, "seed": ep.seed, "id": ex.id, "gold": ex.gold, "probs": row[: len(ex.options)]}
                 )
             done += 1
-        summary: dict[str, Any] = {"n": per_seed[0]["n"]}
+    if progress is not None:
+        progress(f"{method.name}: done", total, total)
+    return predictions
+
+
+def prediction_matrix(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities padded with zeros to the widest row, gold indices) of prediction records."""
+    width = max(len(r["probs"]) for r in rows)
+    probs = torch.tensor([r["probs"] + [0.0] * (width - len(r["probs"])) for r in rows], dtype=torch.float64)
+    return probs, torch.tensor([r["gold"] for r in rows])
+
+
+def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"tasks", "mean"}`` of the results schema, recomputed from per-example predictions alone."""
+    by_task: dict[str, dict[int, list[dict]]] = {}
+    for row in predictions:
+        by_task.setdefault(row["task"], {}).setdefault(row["seed"], []).append(row)
+    tasks: dict[str, Any] = {}
+    per_seed_by_seed: dict[int, list[dict]] = {}
+    for name, seeds in by_task.items():
+        per_seed = []
+        for seed, rows in seeds.items():
+            metrics = task_metrics(*prediction_matrix(rows))
+            metrics.pop("reliability")
+            per_seed.append({"seed": seed, **metrics})
+            per_seed_by_seed.setdefault(seed, []).append(metrics)
+        summary: dict[str, Any] = {"n": sum(r["n"] for r in per_seed) / len(per_seed)}
         for key in SCALARS:
             values = [r[key] for r in per_seed if r[key] is not None]
             summary[key] = sum(values) / len(values) if values else None
-        width = max(p.shape[1] for p in pooled_p)  # seeds may differ in their widest example
-        pooled = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in pooled_p])
-        summary["reliability"] = reliability_bins(pooled, torch.cat(pooled_g))
+        summary["reliability"] = reliability_bins(*prediction_matrix([r for rows in seeds.values() for r in rows]))
         summary["interval"] = {
             key: mean_interval([r[key] for r in per_seed]) for key in SCALARS if summary[key] is not None
         }
         summary["per_seed"] = per_seed
         tasks[name] = summary
-    if progress is not None:
-        progress(f"{method.name}: done", total, total)
     mean = macro_average([{k: v for k, v in t.items() if k in SCALARS or k == "n"} for t in tasks.values()])
     seed_means = [macro_average(rows) for rows in per_seed_by_seed.values()]
     mean["interval"] = {
         key: mean_interval([m[key] for m in seed_means]) for key in SCALARS if mean.get(key) is not None
     }
-    return {"tasks": tasks, "mean": mean}, predictions
+    return {"tasks": tasks, "mean": mean}
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -160,16 +166,16 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(
-    out_dir: str | Path,
-    results: dict[str, Any],
-    predictions: list[dict[str, Any]],
-    meta: dict[str, Any],
-) -> Path:
-    """Write ``predictions.jsonl``, ``results.md`` and, last and atomically, ``results.json``."""
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_results(out_dir: str | Path, predictions: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``predictions.jsonl``, ``results.md`` and, last and atomically, ``results.json``; returns the
+    results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    full = {**meta, "versions": versions(), **results}
+    full = {**meta, "versions": versions(), **summarise(predictions)}
     tmp = out / ".predictions.jsonl.tmp"
     with open(tmp, "w") as fh:
         for row in predictions:
@@ -177,7 +183,7 @@ def write_results(
     os.replace(tmp, out / "predictions.jsonl")
     (out / "results.md").write_text(results_markdown(full))
     write_json_atomic(out / "results.json", full)
-    return out / "results.json"
+    return full
 
 
 def clear_results(out_dir: str | Path) -> None:

@@ -30,18 +30,23 @@ KEEP_CHECKPOINTS = 2
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest checkpoint under ``OUT/checkpoints`` that passes its checksums; corrupt ones are skipped
-    with a warning."""
-    root = Path(out_dir, "checkpoints")
-    if not root.is_dir():
-        return None
-    for path in sorted(root.glob("step-*"), reverse=True):
+    """The valid checkpoint at the latest step among ``OUT/checkpoints/step-*`` and ``OUT/final`` (saved with
+    trainer state, so a finished run resumed with a larger ``meta_steps`` continues from it). Checkpoints that
+    fail their checksums are skipped with a warning."""
+    out = Path(out_dir)
+    candidates = [out / "final"] if (out / "final").is_dir() else []
+    if (out / "checkpoints").is_dir():
+        candidates += sorted((out / "checkpoints").glob("step-*"), reverse=True)
+    best, best_step = None, -1
+    for path in candidates:
         try:
-            load_checkpoint(path, trainer=True)
-            return path
+            step = int(load_checkpoint(path, trainer=True)["trainer_values"].get("step", 0))
         except CheckpointError as exc:
             logger.warning("skipping checkpoint %s: %s", path, exc)
-    return None
+            continue
+        if step > best_step:
+            best, best_step = path, step
+    return best
 
 
 def _save(method: Method, path: Path, info: dict[str, Any], trainer: bool) -> None:

