@@ -34,6 +34,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
+#: Results (tables) go to standard output, unwrapped, so they can be piped.
+results_console = Console(soft_wrap=True)
 
 
 @app.callback()
@@ -309,7 +311,7 @@ def evaluate(
             "config": cfg.to_dict(),
         }
         write_results(out, predictions, meta)
-        console.print((out / "results.md").read_text(), markup=False, highlight=False)
+        results_console.print((out / "results.md").read_text(), markup=False, highlight=False)
         console.print(f"results: {out / 'results.json'}")
 
 
@@ -365,7 +367,7 @@ def _run_comparison(
         results = run_comparison(comparison, out, resume=resume, progress=show)
     from abmll.report import comparison_table
 
-    console.print(comparison_table(results["methods"]), markup=False, highlight=False)
+    results_console.print(comparison_table(results["methods"]), markup=False, highlight=False)
     console.print(f"report: {out / 'report.md'} ({time.perf_counter() - start:.0f} s)")
 
 
