@@ -60,5 +60,6 @@ def test_reported_ece_equals_ece_recomputed_from_saved_probabilities(smoke_repor
 
 
 def test_same_seed_gives_the_same_table(smoke_reports):
-    tables = [(out / "report.md").read_text().split("## Accuracy and ECE per task")[1].split("##")[0] for out in smoke_reports]
+    marker = "## Accuracy and ECE per task"
+    tables = [(out / "report.md").read_text().split(marker)[1].split("##")[0] for out in smoke_reports]
     assert tables[0] == tables[1]
