@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/abmll demo --preset quick --out runs/demo-quick
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 test: install lint
 	$(BIN)/abmll fetch
