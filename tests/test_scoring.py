@@ -212,7 +212,7 @@ def test_long_prompts_are_cut_from_the_left_and_counted(tiny):
     with torch.no_grad():
         got = scorer(model, MIXED)
     assert scorer.truncated == 1  # only the long prompt, counted once for its 3 options
-    enc = scorer.encode(MIXED)
+    enc = Scorer(tok, ScoringConfig(max_length=max_length)).encode(MIXED)
     assert enc.attention_mask.sum(-1).max().item() == max_length
     ex = MIXED[1]
     for o, option in enumerate(ex.options):

@@ -32,17 +32,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "setting": "smoke.json",
         "seeds": [100],
-        "query_size": 12,
+        "query_size": 8,
         "config": {
-            "meta.meta_steps": 2,
-            "meta.meta_batch_size": 1,
-            "meta.support_size": 4,
-            "meta.query_size": 4,
-            "inner.inner_steps": 1,
-            "inner.test_inner_steps": 2,
-            "predict.samples": 2,
-            "scoring.max_length": 192,
-            "meta.checkpoint_every": 1,
+            "meta.meta_steps": 2, "meta.meta_batch_size": 1, "meta.support_size": 2, "meta.query_size": 2,
+            "inner.inner_steps": 1, "inner.test_inner_steps": 1, "predict.samples": 2, "scoring.max_length": 128,
+            "meta.checkpoint_every": 1, "meta.micro_batch_size": 16,
         },
     },
     "quick": {
