@@ -3,13 +3,16 @@ does) against full logits at every position, then reading (``model(**kwargs).log
 
 Same batch, same model (SmolLM2-135M, ``load_model(None)``), same post-processing; the two variants differ
 only in ``Scorer._read_logits``. Timings are interleaved (warm-ups of both, then alternating timed reps) and
-reported as medians, in ``torch.no_grad`` and for forward + backward through an injected Bayesian LoRA
-adapter. Peak memory is measured in a fresh subprocess per variant and mode: the rise of the resident set's
-high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) above the resident set before the first
-call. Run from the repository root::
+reported as medians, in ``torch.no_grad`` (``--batch`` examples, default 8) and for forward + backward through
+an injected Bayesian LoRA adapter (the first ``--bwd-batch`` of them, default 4). ``--threads N`` pins torch's
+thread count: with another process busy on a 2-core machine, 1 thread avoids OpenMP oversubscription stalls,
+which otherwise make single calls 10× slower at random. Peak memory is measured in a fresh subprocess per
+variant and mode: the rise of the resident set's high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) above the resident set before the first call. Run from the repository root::
 
     .venv/bin/python benchmarks/scoring_head.py            # print a Markdown section
     .venv/bin/python benchmarks/scoring_head.py --write    # and replace its section in benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/scoring_head.py --threads 1 --write   # what produced the recorded numbers
 """
 
 from __future__ import annotations
@@ -181,7 +184,8 @@ def write_section(text: str) -> None:
     current = RESULTS.read_text() if RESULTS.is_file() else HEADER
     if start in current and end in current:
         head, rest = current.split(start, 1)
-        current = head + block + rest.split(end, 1)[1].lstrip("\n")
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        current = head + block + ("\n" + tail if tail else "")
     else:
         current = current.rstrip("\n") + "\n\n" + block
     RESULTS.write_text(current)

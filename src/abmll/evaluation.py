@@ -133,6 +133,18 @@ def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
     return {"tasks": tasks, "mean": mean}
 
 
+def format_metric(row: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> str:
+    """One table cell: the value (times ``scale``) and, across several seeds, its 95 % interval half-width."""
+    value = row.get(key)
+    if value is None:
+        return "–"
+    text = f"{value * scale:.{digits}f}"
+    interval = row.get("interval", {}).get(key)
+    if interval and interval["n"] > 1:
+        text += f" ± {(interval['high'] - interval['mean']) * scale:.{digits}f}"
+    return text
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """A Markdown table: per task and mean, accuracy, ECE (%), NLL, Brier and the diagnostics."""
     seeds = results.get("seeds", [])
@@ -145,24 +157,13 @@ def results_markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def cell(row: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
-        value = row.get(key)
-        if value is None:
-            return "–"
-        text = f"{value * scale:.{digits}f}"
-        interval = row.get("interval", {}).get(key)
-        if interval and interval["n"] > 1:
-            text += f" ± {(interval['high'] - interval['mean']) * scale:.{digits}f}"
-        return text
-
     rows = list(results["tasks"].items()) + [("**mean**", results["mean"])]
     for name, row in rows:
         n = row.get("n")
-        lines.append(
-            f"| {name} | {n:.0f} | {cell(row, 'accuracy')} | {cell(row, 'ece', 100, 1)} | {cell(row, 'nll')} | "
-            f"{cell(row, 'brier')} | {cell(row, 'macro_f1')} | {cell(row, 'majority_accuracy')} | "
-            f"{cell(row, 'top_prediction_share')} | {cell(row, 'auroc')} |"
-        )
+        cells = [format_metric(row, "accuracy"), format_metric(row, "ece", 100, 1)]
+        cells += [format_metric(row, key) for key in ("nll", "brier", "macro_f1", "majority_accuracy")]
+        cells += [format_metric(row, key) for key in ("top_prediction_share", "auroc")]
+        lines.append(f"| {name} | {n:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

