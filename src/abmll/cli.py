@@ -263,7 +263,12 @@ def evaluate(
         int | None, typer.Option("--query-size", help="Cap on query examples per task and seed.")
     ] = None,
     method: Annotated[
-        str | None, typer.Option("--method", help="abmll or zero-shot. Default: the checkpoint's method.")
+        str | None,
+        typer.Option(
+            "--method",
+            help="abmll, abmll-icl, lora, structured-lora, reptile, maml (with --checkpoint), or zero-shot, icl, "
+            "lora-task (without). Default: the checkpoint's method.",
+        ),
     ] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
     device: DeviceOpt = "auto",
@@ -282,8 +287,15 @@ def evaluate(
         ckpt = load_checkpoint(checkpoint) if checkpoint else None
         cfg = ckpt["config"] if ckpt else ABMLLConfig()
         method = method or (ckpt["info"].get("method", "abmll") if ckpt else "abmll")
-        if ckpt is None and method != "zero-shot":
-            raise ConfigError(f"--method {method} needs --checkpoint (a trained θ); only zero-shot runs without one")
+        from abmll.methods import BASE_ONLY, METHODS
+
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+        if ckpt is None and METHODS[method].meta_learns:
+            untrained = sorted(n for n, m in METHODS.items() if not m.meta_learns)
+            raise ConfigError(
+                f"--method {method} needs --checkpoint (a trained θ); only {', '.join(untrained)} run without one"
+            )
         overrides = _parse_sets(sets)
         if inner_steps is not None:
             overrides["inner.test_inner_steps"] = inner_steps
@@ -296,7 +308,7 @@ def evaluate(
         data_dir, names = _data_and_tasks(data, setting, tasks, "test")
         episodes = load_episodes(data_dir, names, k, seed_list, query_size)
         mdl, method_obj, model_name = _build(model, method, cfg, device)
-        if ckpt is not None and method != "zero-shot":
+        if ckpt is not None and method not in BASE_ONLY:
             load_prior_into(mdl, checkpoint)
         with _progress() as bar:
             job = bar.add_task("evaluating", total=sum(len(v) for v in episodes.values()))
@@ -316,7 +328,12 @@ def evaluate(
 
 
 MethodsOpt = Annotated[
-    str, typer.Option("--methods", help="Comma-separated methods to compare (zero-shot, lora, structured-lora, abmll).")
+    str,
+    typer.Option(
+        "--methods",
+        help="Comma-separated methods to compare: zero-shot, icl, lora, lora-task, structured-lora, reptile, maml, "
+        "abmll, abmll-icl.",
+    ),
 ]
 PresetOpt = Annotated[str, typer.Option("--preset", help="Budget: smoke (CI, minutes), quick (~20 min), full (hours).")]
 

@@ -1,5 +1,8 @@
 """The comparison harness behind ``abmll compare`` and ``abmll demo``: every method on the same model, the
-same tasks, the same support sets, the same scorer and the same budget (METHOD.md section 6).
+same tasks, the same support sets, the same scorer and the same budget (METHOD.md section 6). A method's own
+preset (:attr:`abmll.methods.Method.default_overrides`, e.g. second-order gradients for ``maml``) is applied on
+top of the shared config where that config leaves the field at the library default, and recorded in the
+cell's ``train/config.json`` info, the method's ``results.json`` (``method_overrides``) and ``report.md``.
 
 One cell per (method, seed): meta-train with that seed (methods that learn across tasks), then adapt to every
 test task from its k-shot support set drawn with that seed and score the query set. Cells are written to
@@ -21,7 +24,7 @@ from abmll.checkpoint import versions, write_json_atomic
 from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError
 from abmll.evaluation import evaluate, load_episodes, read_predictions, results_markdown, write_results
-from abmll.methods import BASE_ONLY, METHODS, create_method
+from abmll.methods import METHODS, create_method, method_overrides
 from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run
 from abmll.scoring import Scorer
@@ -125,12 +128,15 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
     """Meta-train (when the method learns across tasks) and evaluate one (method, seed) cell."""
     from abmll.models import DEFAULT_MODEL, load_model
 
-    config = comparison.config.override({"seed": seed})
+    overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
+    config = comparison.config.override({**overrides, "seed": seed})
     model, tokenizer = load_model(comparison.model)
     method = create_method(method_name, model, Scorer(tokenizer, config.scoring), config)
     model_name = comparison.model or DEFAULT_MODEL
     info = {"method": method_name, "model": model_name, "data": str(comparison.data_dir)}
-    if method_name not in BASE_ONLY and config.meta.meta_steps > 0 and method_name != "lora-task":
+    if overrides:
+        info["method_overrides"] = overrides
+    if method.meta_learns and config.meta.meta_steps > 0:
         tasks = [read_metaicl_task(comparison.data_dir, n, k=16384, seed=100) for n in comparison.train_tasks]
         meta_train_run(
             method,
@@ -189,7 +195,9 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         predictions = []
         for seed in comparison.seeds:
             predictions += read_predictions(out / method_name / f"seed-{seed}" / "predictions.jsonl")
-        results[method_name] = write_results(out / method_name, predictions, {"method": method_name, **meta})
+        overrides = method_overrides(method_name, comparison.config)
+        own = {"method_overrides": overrides} if overrides else {}
+        results[method_name] = write_results(out / method_name, predictions, {"method": method_name, **meta, **own})
         reliability_diagram(
             predictions, results[method_name]["mean"], out / f"reliability-{method_name}.png", method_name
         )
@@ -217,6 +225,7 @@ def _report_markdown(comparison: Comparison, results: dict[str, dict[str, Any]],
         f"meta-training episodes and the {comparison.k}-shot support sets). Query sets capped at "
         f"{comparison.query_size} examples per task and seed.",
         f"Budget (the same for every method): `{_budget(comparison.config)}`.",
+        *_overrides_markdown(comparison.methods, comparison.config),
         "",
         "## Accuracy and ECE per task",
         "",
@@ -241,6 +250,19 @@ def _report_markdown(comparison: Comparison, results: dict[str, dict[str, Any]],
         lines += ["## Time per cell (this run)", "", "| cell | seconds |", "|---|---|"]
         lines += [f"| {cell} | {sec:.0f} |" for cell, sec in timings.items()] + [""]
     return "\n".join(lines)
+
+
+def _overrides_markdown(methods: list[str], config: ABMLLConfig) -> list[str]:
+    """A line naming each method's own preset settings applied on top of the shared config (none: no line)."""
+    parts = []
+    for name in methods:
+        overrides = method_overrides(name, config)
+        if overrides:
+            parts.append(f"`{name}`: " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()))
+        elif METHODS[name].default_overrides:
+            preset = ", ".join(f"`{k}={v}`" for k, v in METHODS[name].default_overrides.items())
+            parts.append(f"`{name}`: the comparison's config (its own preset would set {preset})")
+    return [f"Method-specific settings: {'; '.join(parts)}."] if parts else []
 
 
 def data_sources_markdown(data_dir: Path, tasks: list[str]) -> str:

@@ -33,6 +33,13 @@ class Method(ABC):
     """A training algorithm behind the shared interface."""
 
     name: ClassVar[str]
+    #: False for methods that learn nothing across tasks (their ``meta_train`` is a no-op and they need no
+    #: trained checkpoint): the comparison harness and ``abmll evaluate`` skip meta-training for them.
+    meta_learns: ClassVar[bool] = True
+    #: Config overrides (dotted fields) that make up the method's own preset, e.g. MAML's second-order
+    #: gradients. :func:`abmll.methods.method_config` applies them where a config leaves the field at the
+    #: library default; ``create_method`` leaves the config as given.
+    default_overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
         self.model = model

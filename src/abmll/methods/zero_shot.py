@@ -16,6 +16,7 @@ class ZeroShot(Method):
     """Scores the query with the base model; the support set is ignored."""
 
     name = "zero-shot"
+    meta_learns = False
 
     def adapt(self, support: Sequence[Example], seed: int) -> None:
         return None

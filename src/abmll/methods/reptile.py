@@ -1,0 +1,94 @@
+"""``reptile``: Reptile (Nichol, Achiam & Schulman, 2018) on the LoRA factors (METHOD.md section 6).
+
+Deterministic: ΔW = μ (σ unused), no KL, no hyperprior, as ``structured-lora``. One meta-step over a
+meta-batch of T tasks:
+
+    φ_i⁰ = θ;   φ_iᵏ = φ_iᵏ⁻¹ − α ∇_φ NLL(S_i ∪ Q_i; W0 + μ(φ))      k = 1..K   (plain SGD)
+    θ ← θ + ε · ( (1/T) Σ_i φ_iᴷ − θ )
+
+- The inner loop runs on the support set AND the query set of each episode: Reptile has no query loss, so
+  it trains on all of the task's data the meta-batch provides (the same examples ABMLL sees per meta-step).
+  K = ``inner.inner_steps``, α = ``inner.inner_lr``.
+- ε is ``meta.outer_lr`` (there is no separate Reptile step size in the config). The update is taken by
+  plain SGD (no momentum, no weight decay, so no optimiser state) with learning rate ε on the pseudo-
+  gradient θ.grad = θ − mean_i φ_iᴷ, which gives exactly θ + ε (mean φᴷ − θ). It is not clipped:
+  ``meta.max_grad_norm`` and ``meta.weight_decay`` do not apply to Reptile.
+- Test time is the same as every LoRA baseline: K_test SGD steps from θ on the support set, then the
+  mean ΔW.
+
+Across ranks each rank adapts every world-size-th task and the pseudo-gradients are summed with an
+all-reduce, as in ABMLL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from abmll.config import ABMLLConfig
+from abmll.methods.abmll import _INNER, _world
+from abmll.methods.lora import StructuredLoRA
+
+
+class Reptile(StructuredLoRA):
+    """Reptile on the deterministic LoRA factors: move θ toward the mean adapted weights of the meta-batch."""
+
+    name = "reptile"
+
+    def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
+        super().__init__(model, scorer, config)
+        self.optimizer = torch.optim.SGD(list(self.theta.values()), lr=config.meta.outer_lr)
+
+    @property
+    def epsilon(self) -> float:
+        """Reptile's outer step size ε (``meta.outer_lr``)."""
+        return self.config.meta.outer_lr
+
+    def meta_step(self, episodes: Sequence) -> dict[str, float]:
+        """θ ← θ + ε (mean_i φ_iᴷ − θ) over one meta-batch."""
+        rank, world = _world()
+        self.zero_gradients()
+        T = len(episodes)
+        step = self.step
+        sums = torch.zeros(3, dtype=torch.float64)  # support_first, support_last, tasks
+        for i in range(rank, T, world):
+            episode = episodes[i]
+            losses: list[float] = []
+            phi = self.inner_loop(
+                list(episode.support) + list(episode.query),
+                lambda k, i=i: self._seeds(_INNER, step, i, k, count=1),
+                self.config.inner.inner_steps,
+                losses=losses,
+            )
+            with torch.no_grad():
+                for key, p in self.theta.items():
+                    p.grad += (p - phi[key]) / T
+            nan = float("nan")
+            sums += torch.tensor([losses[0] if losses else nan, losses[-1] if losses else nan, 1.0])
+        if world > 1:
+            for p in self.theta.values():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        params = list(self.theta.values())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"non-finite Reptile update of θ at meta-step {self.step}")
+        self.optimizer.step()
+        self.step += 1
+        n = float(sums[2])
+        first, last = float(sums[0]) / n, float(sums[1]) / n
+        return {
+            "step": self.step,
+            # Reptile has no outer loss: report the task loss of the last inner step (at φᴷ⁻¹).
+            "outer_nll": last,
+            "kl": 0.0,
+            "beta_kl_over_nll": 0.0,
+            "support_nll_first": first,
+            "support_nll_last": last,
+            "log_hyperprior": 0.0,
+            # ‖θ − mean φᴷ‖: the size of the Reptile direction (the update is ε times it).
+            "grad_norm": float(norm),
+        }
