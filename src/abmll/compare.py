@@ -25,6 +25,7 @@ from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError
 from abmll.evaluation import evaluate, load_episodes, read_predictions, results_markdown, write_results
 from abmll.methods import METHODS, create_method, method_overrides
+from abmll.metrics import mean_interval
 from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run
 from abmll.scoring import Scorer
@@ -45,17 +46,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "setting": "builtin.json",
         "seeds": [100],
-        "query_size": 48,
+        "query_size": 40,
         "config": {
-            "meta.meta_steps": 24,
-            "meta.meta_batch_size": 2,
-            "meta.support_size": 8,
-            "meta.query_size": 8,
-            "inner.inner_steps": 2,
-            "inner.test_inner_steps": 5,
-            "predict.samples": 4,
-            "scoring.max_length": 256,
-            "meta.checkpoint_every": 8,
+            "meta.meta_steps": 16, "meta.meta_batch_size": 2, "meta.support_size": 4, "meta.query_size": 4,
+            "inner.inner_steps": 1, "inner.test_inner_steps": 4, "predict.samples": 3, "scoring.max_length": 160,
+            "meta.checkpoint_every": 4, "meta.micro_batch_size": 8,
         },
     },
     "full": {
@@ -203,13 +198,60 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         )
         logs[method_name] = sorted(out.glob(f"{method_name}/seed-*/train/log.jsonl"))
     training_curves(logs, out / "training-curves.png")
-    (out / "report.md").write_text(_report_markdown(comparison, results, timings))
-    full = {**meta, "versions": versions(), "methods": results, "timings_s": timings}
+    paired = paired_differences(results)
+    (out / "report.md").write_text(_report_markdown(comparison, results, timings, paired))
+    full = {**meta, "versions": versions(), "methods": results, "paired": paired, "timings_s": timings}
     write_json_atomic(out / "results.json", full)
     return full
 
 
-def _report_markdown(comparison: Comparison, results: dict[str, dict[str, Any]], timings: dict[str, float]) -> str:
+PAIRED_METRICS = ("accuracy", "ece")
+
+
+def paired_differences(results: dict[str, dict[str, Any]], reference: str = "abmll") -> dict[str, Any]:
+    """Per task and baseline: ``reference`` minus the baseline on each seed (the same support sets), with
+    the mean and 95 % t-interval of those differences, for accuracy and ECE. Empty without ``reference``."""
+    if reference not in results:
+        return {}
+    out: dict[str, Any] = {}
+    ref = results[reference]["tasks"]
+    for baseline, res in results.items():
+        if baseline == reference:
+            continue
+        for task, summary in res["tasks"].items():
+            mine = {r["seed"]: r for r in ref.get(task, {}).get("per_seed", [])}
+            for metric in PAIRED_METRICS:
+                diffs = [mine[r["seed"]][metric] - r[metric] for r in summary["per_seed"] if r["seed"] in mine]
+                if diffs:
+                    out.setdefault(baseline, {}).setdefault(task, {})[metric] = mean_interval(diffs)
+    return out
+
+
+def _paired_markdown(paired: dict[str, Any], reference: str = "abmll") -> str:
+    lines = [
+        f"{reference} minus each baseline, per task, on the same support sets (mean over seeds, with the 95 % "
+        "t-interval when there are several seeds). Positive accuracy and negative ECE favour "
+        f"{reference}.",
+        "",
+        "| baseline | task | Δ accuracy | Δ ECE % |",
+        "|---|---|---|---|",
+    ]
+
+    def fmt(d: dict[str, Any], scale: float, digits: int) -> str:
+        text = f"{d['mean'] * scale:+.{digits}f}"
+        if d["n"] > 1:
+            text += f" [{d['low'] * scale:+.{digits}f}, {d['high'] * scale:+.{digits}f}]"
+        return text
+
+    for baseline, tasks in paired.items():
+        for task, metrics in tasks.items():
+            lines.append(f"| {baseline} | {task} | {fmt(metrics['accuracy'], 1, 3)} | {fmt(metrics['ece'], 100, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _report_markdown(
+    comparison: Comparison, results: dict[str, dict[str, Any]], timings: dict[str, float], paired: dict[str, Any]
+) -> str:
     model = comparison.model or "smollm2-135m"
     lines = [
         "# abmll comparison",
@@ -234,6 +276,8 @@ def _report_markdown(comparison: Comparison, results: dict[str, dict[str, Any]],
         "correctness) tell skill from a learned label prior; they are in each method's table below.",
         "",
     ]
+    if paired:
+        lines += ["## Paired differences", "", _paired_markdown(paired), ""]
     for name, res in results.items():
         lines += [f"## {name}", "", results_markdown(res), f"![reliability](reliability-{name}.png)", ""]
     lines += [
