@@ -340,6 +340,7 @@ def test_meta_training_beats_adapting_a_fresh_lora_on_held_out_tasks():
             "inner.inner_lr": 0.05,
             "meta.outer_lr": 1e-2,
             "meta.meta_steps": 40,
+            "objective.gamma": None,  # the paper's v2 form: one β on the KL and the hyperprior
             "predict.mode": "mean",
         }
     )

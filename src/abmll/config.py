@@ -118,8 +118,12 @@ class ObjectiveConfig:
         default=1e-6, metadata={"help": "β: weight of KL(q_φ ‖ p_θ) in the inner and outer loss."}
     )
     gamma: float | None = field(
-        default=None,
-        metadata={"help": "γ: weight of −log p(θ). None uses β (the paper's v2 form: one β on both terms)."},
+        default=0.0,
+        metadata={
+            "help": "γ: weight of −log p(θ). None uses β (the paper's v2 form: one β on both terms). The default 0 "
+            "leaves the hyperprior out: with a0 = 1 its gradient only pushes σθ up, and on SmolLM2 it came to "
+            "dominate θ's clipped gradient within a few meta-steps (see README)."
+        },
     )
     gamma_a0: float = field(default=1.0, metadata={"help": "a0: Gamma shape of the precision hyperprior."})
     gamma_b0: float = field(default=0.01, metadata={"help": "b0: Gamma rate of the precision hyperprior."})
