@@ -18,17 +18,24 @@ variant and mode: the rise of the resident set's high-water mark (``VmHWM``, res
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from _common import (
+    RESULTS,
+    command_line,
+    machine,
+    page_in,
+    peak_rise,
+    report_child,
+    run_child,
+    time_interleaved,
+    utc_date,
+    write_section,
+)
 
 from abmll.bayes import inject, prior, weight_sample
 from abmll.config import BayesLoRAConfig, ScoringConfig
@@ -36,14 +43,7 @@ from abmll.models import load_model
 from abmll.scoring import Encoded, Scorer
 from abmll.tasks.data import Example
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "scoring_head"
-HEADER = (
-    "# Benchmark results\n\n"
-    "Measured results of the scripts in `benchmarks/`. Each section is written by its script with `--write`\n"
-    "(which replaces that section only) and records the date, the machine and the exact command.\n"
-)
-
 PASSAGE = (
     "Maya keeps a small garden behind her house. In spring she plants tomatoes, beans and sunflowers. "
     "Every morning she waters the plants before school, and on Saturdays she pulls the weeds with her "
@@ -106,27 +106,6 @@ def make_step(model, scorer: Scorer, batch: list[Example], mode: str, theta=None
     return step
 
 
-def time_interleaved(steps: dict, warmup: int, reps: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(reps):
-        for name in names if r % 2 == 0 else reversed(names):  # alternate the order too
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def memory_child(variant: str, mode: str, n: int) -> None:
     """In a fresh process: the peak resident-set rise of the first call of one variant (MiB), as JSON."""
     model, tok = load_model(None)
@@ -135,16 +114,8 @@ def memory_child(variant: str, mode: str, n: int) -> None:
         inject(model, BayesLoRAConfig(), generator=torch.Generator().manual_seed(0))
         theta = prior(model)
     step = make_step(model, VARIANTS[variant](tok, ScoringConfig()), examples(n), mode, theta)
-    with torch.no_grad():  # page in the (memory-mapped) weights, so that the rise below is activations only
-        sum(float(p.float().sum()) for p in model.parameters())
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError as exc:
-        print(json.dumps({"error": f"cannot reset the peak RSS: {exc}"}))
-        return
-    before = _status_kb("VmRSS")
-    step()
-    print(json.dumps({"peak_rise_mib": (_status_kb("VmHWM") - before) / 1024}))
+    page_in(model)  # the (memory-mapped) weights, so that the rise below is activations only
+    report_child(peak_rise(step))
 
 
 def measure_memory(n: int, n_bwd: int) -> dict[tuple[str, str], float | None]:
@@ -152,43 +123,10 @@ def measure_memory(n: int, n_bwd: int) -> dict[tuple[str, str], float | None]:
     for mode in ("no_grad", "fwd_bwd"):
         for variant in VARIANTS:
             size = n if mode == "no_grad" else n_bwd
-            cmd = [sys.executable, __file__, "--memory-child", variant, mode, "--batch", str(size)]
-            cmd += ["--threads", str(torch.get_num_threads())]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            try:
-                out[(variant, mode)] = json.loads(proc.stdout.strip().splitlines()[-1]).get("peak_rise_mib")
-            except (ValueError, IndexError):
-                print(f"memory child {variant}/{mode} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                out[(variant, mode)] = None
+            args = [__file__, "--memory-child", variant, mode, "--batch", str(size)]
+            args += ["--threads", str(torch.get_num_threads())]
+            out[(variant, mode)] = run_child(args, f"{variant}/{mode}")
     return out
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads"
-    )
-
-
-def write_section(text: str) -> None:
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    current = RESULTS.read_text() if RESULTS.is_file() else HEADER
-    if start in current and end in current:
-        head, rest = current.split(start, 1)
-        tail = rest.split(end, 1)[1].lstrip("\n")
-        current = head + block + ("\n" + tail if tail else "")
-    else:
-        current = current.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(current)
 
 
 def main() -> None:
@@ -210,8 +148,8 @@ def main() -> None:
         memory_child(*args.memory_child, args.batch)
         return
 
-    command = shlex.join([os.path.relpath(sys.executable)] + sys.argv)
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=False).stdout.strip()
+    command = command_line()
+    date = utc_date()
     t0 = time.perf_counter()
     model, tok = load_model(None)
     batch = examples(args.batch)
@@ -308,7 +246,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote the '{SECTION}' section of {RESULTS}")
 
 
