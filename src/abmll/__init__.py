@@ -8,6 +8,7 @@ from abmll.bayes import adapters_disabled, bayes_layers, inject, posterior, prio
 from abmll.checkpoint import load_checkpoint, load_prior_into, save_checkpoint
 from abmll.config import ABMLLConfig, preset
 from abmll.errors import AbmllError, CheckpointError, ConfigError, DataError, ModelError
+from abmll.interop import export_merged, export_peft, import_peft, load, task_posterior
 from abmll.methods import ABMLL, METHODS, Method, ZeroShot, create_method
 from abmll.metrics import task_metrics
 from abmll.scoring import Scorer
@@ -35,7 +36,11 @@ __all__ = [
     "adapters_disabled",
     "bayes_layers",
     "create_method",
+    "export_merged",
+    "export_peft",
+    "import_peft",
     "inject",
+    "load",
     "load_checkpoint",
     "load_prior_into",
     "make_episode",
@@ -44,5 +49,6 @@ __all__ = [
     "prior",
     "save_checkpoint",
     "task_metrics",
+    "task_posterior",
     "weight_sample",
 ]

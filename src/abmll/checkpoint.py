@@ -3,11 +3,13 @@
 A checkpoint folder holds
     adapter_config.json        the ABMLLConfig, the method, the adapted modules and their shapes, versions
     prior.safetensors          θ, keyed "{module}.{factor}"
-    trainer_state.safetensors  optimiser tensors (and RNG state), when saved for resuming
-    trainer_state.json         step, optimiser hyperparameters, sampler position
+    trainer_state.safetensors  optimiser tensors and RNG states (torch, CUDA), when saved for resuming
+    trainer_state.json         step, optimiser hyperparameters, sampler position, RNG states (python, numpy)
     manifest.json              SHA-256 of every other file, written last
 
-Folders are written beside their final place and renamed into it, so a reader never sees half a checkpoint.
+Folders are written beside their final place (every file and the folder fsynced) and renamed into it, so a
+reader never sees half a checkpoint; a checkpoint whose files do not match the manifest is refused. Nothing
+here unpickles: tensors are read with safetensors, everything else is JSON.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import hashlib
 import json
 import os
 import platform
+import random
 import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -54,21 +58,81 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync, then rename it into place."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries) to disk; a no-op for folders where the
+    platform cannot open them (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not Path(path).is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync, rename it into place, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, allow_nan=True)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, fsync, then rename it into place."""
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+# --- RNG states as tensors + JSON --------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The global RNG states of torch (CPU and every initialised CUDA device), numpy and Python's
+    ``random``, split into tensors and JSON-serialisable values (restored by :func:`set_rng_state`)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    values = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+    return tensors, values
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+    """Restore the RNG states saved by :func:`rng_state` (CUDA states only where those devices exist)."""
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda = [tensors[k] for k in cuda_keys]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    np_values = values["numpy"]
+    np.random.set_state(
+        (
+            np_values["kind"],
+            tensors["rng.numpy"].numpy().astype(np.uint32),
+            np_values["pos"],
+            np_values["has_gauss"],
+            np_values["cached_gaussian"],
+        )
+    )
+    py = values["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
 # --- optimiser state as tensors + JSON ---------------------------------------------------------------
@@ -127,14 +191,17 @@ def save_checkpoint(
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in theta.items()}, str(tmp / PRIOR_FILE))
         if trainer_values is not None:
-            save_file(dict(trainer_tensors or {}), str(tmp / TRAINER_TENSORS))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in (trainer_tensors or {}).items()},
+                str(tmp / TRAINER_TENSORS),
+            )
             (tmp / TRAINER_JSON).write_text(json.dumps(trainer_values, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"files": {name: sha256(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for name in files + [MANIFEST]:
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         if directory.exists():
             old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
             os.replace(directory, old / "x")
@@ -142,6 +209,7 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+        fsync_path(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -155,11 +223,18 @@ def verify_checkpoint(directory: str | Path) -> None:
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory}: not a complete abmll checkpoint (no {MANIFEST})")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+            raise TypeError("'files' is not a mapping of file names to SHA-256 digests")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    # Every file that is read must be covered by the manifest.
+    read = {ADAPTER_CONFIG, PRIOR_FILE} | {n for n in (TRAINER_TENSORS, TRAINER_JSON) if (directory / n).exists()}
+    for name in sorted(read - set(files)):
+        raise CheckpointError(f"{directory}: file {name} is not listed in the manifest (added or altered)")
     for name, digest in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{manifest_path}: invalid file name {name!r} in the manifest")
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{directory}: file {name} listed in the manifest is missing")
@@ -173,20 +248,19 @@ def load_checkpoint(directory: str | Path, trainer: bool = False) -> dict[str, A
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist or is not a folder")
     verify_checkpoint(directory)
+    if trainer and not (directory / TRAINER_JSON).is_file():
+        raise CheckpointError(f"{directory}: holds no trainer state to resume from")
     try:
-        info = json.loads((directory / ADAPTER_CONFIG).read_text())
+        info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         config = ABMLLConfig.from_dict(info.pop("config"), source=str(directory / ADAPTER_CONFIG))
-        theta = load_file(str(directory / PRIOR_FILE))
-    except CheckpointError:
-        raise
+        out: dict[str, Any] = {"theta": load_file(str(directory / PRIOR_FILE)), "config": config, "info": info}
+        if trainer:
+            out["trainer_tensors"] = load_file(str(directory / TRAINER_TENSORS))
+            out["trainer_values"] = json.loads((directory / TRAINER_JSON).read_text(encoding="utf-8"))
+            if not isinstance(out["trainer_values"], dict):
+                raise TypeError(f"{TRAINER_JSON} is not a JSON object")
     except Exception as exc:  # noqa: BLE001 - a checkpoint that passed its checksum but does not parse
-        raise CheckpointError(f"{directory}: could not be read ({exc})") from None
-    out: dict[str, Any] = {"theta": theta, "config": config, "info": info}
-    if trainer:
-        if not (directory / TRAINER_JSON).is_file():
-            raise CheckpointError(f"{directory}: holds no trainer state to resume from")
-        out["trainer_tensors"] = load_file(str(directory / TRAINER_TENSORS))
-        out["trainer_values"] = json.loads((directory / TRAINER_JSON).read_text())
+        raise CheckpointError(f"{directory}: could not be read ({type(exc).__name__}: {exc})") from None
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -73,7 +73,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="'auto' (CUDA when avai
 
 
 def _fail(message: str) -> None:
-    # The message is escaped (paths and values may hold '[...]') and never hard-wrapped (one line in logs).
+    # The message is escaped (paths and values may hold '[...]') and never hard-wrapped (one line in logs);
+    # line breaks inside it (e.g. from a third-party exception) are joined.
+    message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(2)
 
@@ -81,8 +83,13 @@ def _fail(message: str) -> None:
 @contextmanager
 def _errors():
     """Turn the library's errors into one clear line and exit status 2."""
+    from abmll.errors import RunInterrupted
+
     try:
         yield
+    except RunInterrupted as exc:  # SIGINT / SIGTERM: a checkpoint was written; exit 130 / 143
+        console.print(f"[bold red]interrupted:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
     except AbmllError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -90,7 +97,7 @@ def _errors():
         raise typer.Exit(130) from None
 
 
-def _progress() -> Progress:
+def _progress(disable: bool = False) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -98,6 +105,7 @@ def _progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
+        disable=disable,
     )
 
 
@@ -131,7 +139,15 @@ def _device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ConfigError(f"--device {name!r} is invalid: expected 'auto', 'cpu' or 'cuda'")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ConfigError(f"--device {name!r} is not available: this machine has {count} CUDA device(s)")
+    return device
 
 
 def _data_and_tasks(data: Path | None, setting: Path | None, tasks: str | None, group: str) -> tuple[Path, list[str]]:
@@ -147,6 +163,8 @@ def _data_and_tasks(data: Path | None, setting: Path | None, tasks: str | None, 
         raise ConfigError(f"--data {data} is not a folder")
     if tasks:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not names:
+            raise ConfigError(f"--tasks {tasks!r} names no tasks: expected comma-separated task names, e.g. rte,cb")
     elif setting is not None:
         if not setting.is_file() and (data / "settings" / setting).is_file():
             setting = data / "settings" / setting
@@ -191,9 +209,19 @@ def train(
         bool, typer.Option("--resume", help="Continue from the latest valid checkpoint in --out.")
     ] = False,
     device: DeviceOpt = "auto",
+    init_peft: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-peft",
+            help="A PEFT LoRA adapter folder whose update becomes the prior mean μθ at step 0 (its rank and target "
+            "modules must match lora.rank and lora.targets).",
+        ),
+    ] = None,
 ) -> None:
-    """Meta-train on the 'train' tasks of a setting and write checkpoints, a JSONL log and the final θ."""
-    with _errors():
+    """Meta-train on the 'train' tasks of a setting and write checkpoints, a JSONL log and the final θ.
+    Runs unchanged on several processes under accelerate launch or torchrun, the tasks of each meta-batch split
+    across them (docs/SCALING.md)."""
+    with _errors(), ExitStack() as held:
         from abmll.config import ABMLLConfig
         from abmll.config import preset as preset_config
 
@@ -206,15 +234,50 @@ def train(
         if steps is not None:
             overrides["meta.meta_steps"] = steps
         cfg = cfg.override(overrides)
+        _check_train_flags(out, method, device)
+        if init_peft is not None:
+            from abmll.interop import read_peft
+
+            read_peft(init_peft)  # a missing or unusable adapter fails here, before the model is loaded
+        from torch import device as torch_device
+
+        from abmll.distributed import is_main_process, launcher_dtype, setup, world
+        from abmll.runner import run_lock
+
+        # Under accelerate launch / torchrun: the process group (through Accelerate) and this rank's device.
+        rank_device = setup(device)
+        if launcher_dtype() and cfg.compute.dtype == "float32" and "compute.dtype" not in overrides:
+            cfg = cfg.override({"compute.dtype": launcher_dtype()})  # the launcher's mixed_precision: bf16|fp16
+        main = is_main_process()  # only rank 0 locks and writes --out
+        if main:
+            held.enter_context(run_lock(out))  # a second run into --out fails here, before anything is loaded
         data_dir, names = _data_and_tasks(data, setting, tasks, "train")
         from abmll.tasks.readers import read_metaicl_task
 
         task_list = [read_metaicl_task(data_dir, n, k=16384, seed=100, split="train") for n in names]
-        mdl, method_obj, model_name = _build(model, method, cfg, device)
+        from abmll.distributed import check_fsdp_settings, fsdp_requested, shard_model
+
+        fsdp = fsdp_requested() and world()[1] > 1
+        if fsdp:
+            check_fsdp_settings()
+            if cfg.compute.quantization != "none":
+                raise ConfigError(
+                    f"compute.quantization = {cfg.compute.quantization!r} cannot be combined with FSDP; "
+                    "use one or the other (docs/SCALING.md)"
+                )
+        # Under FSDP the model is read on the CPU and only this rank's shard moves to its device.
+        mdl, method_obj, model_name = _build(model, method, cfg, torch_device("cpu") if fsdp else rank_device)
         from abmll.runner import meta_train_run
 
-        info = {"method": method, "model": model_name, "data": str(data_dir)}
-        with _progress() as bar:
+        info = {"method": method, "model": model_name, "data": str(data_dir), "world_size": world()[1]}
+        if init_peft is not None:
+            from abmll.interop import import_peft
+
+            import_peft(mdl, init_peft)
+            info["init_peft"] = str(init_peft)
+        if fsdp:  # this rank keeps its shard of the base model (on its device) and all of θ
+            shard_model(mdl, method_obj.theta.values(), rank_device)
+        with _progress(disable=not main) as bar:
             job = bar.add_task(f"meta-training {method}", total=cfg.meta.meta_steps)
 
             def show(record: dict) -> None:
@@ -226,17 +289,40 @@ def train(
                 )
 
             final = meta_train_run(method_obj, task_list, out, info, resume=resume, progress=show)
-        console.print(f"final θ: {final}")
+        if main:
+            console.print(f"final θ: {final}")
 
 
-def _build(model_name: str | None, method: str, cfg, device: str):
-    """Load the model, put the scorer and the method on it."""
+def _check_train_flags(out: Path, method: str, device: str) -> None:
+    """Check --out, --method and --device of ``abmll train`` before anything is loaded."""
+    from abmll.methods import METHODS
+
+    learners = sorted(name for name, cls in METHODS.items() if cls.meta_learns)
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r} for --method; abmll train takes one of {learners}")
+    if method not in learners:
+        raise ConfigError(
+            f"--method {method} learns nothing across tasks, so there is nothing to train; "
+            f"abmll train takes one of {learners}"
+        )
+    _device(device)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+
+
+def _build(model_name: str | None, method: str, cfg, device):
+    """Load the model (in the config's compute dtype and quantisation), put the scorer and the method on it."""
+    import torch
+
     from abmll.methods import create_method
     from abmll.models import DEFAULT_MODEL, load_model
     from abmll.scoring import Scorer
 
-    mdl, tokenizer = load_model(model_name)
-    mdl.to(_device(device))
+    dev = device if isinstance(device, torch.device) else _device(device)
+    compute = cfg.compute
+    mdl, tokenizer = load_model(model_name, dtype=compute.dtype, quantization=compute.quantization, device=dev)
+    if compute.quantization == "none":  # quantised weights are placed on load and cannot be moved
+        mdl.to(dev)
     method_obj = create_method(method, mdl, Scorer(tokenizer, cfg.scoring), cfg)
     return mdl, method_obj, model_name or DEFAULT_MODEL
 
@@ -274,7 +360,7 @@ def evaluate(
     device: DeviceOpt = "auto",
 ) -> None:
     """Adapt to each 'test' task from its k-shot support sets and score the query sets."""
-    with _errors():
+    with _errors(), ExitStack() as held:
         from abmll.checkpoint import load_checkpoint, load_prior_into
         from abmll.config import ABMLLConfig
         from abmll.evaluation import clear_results, load_episodes, write_results
@@ -283,6 +369,11 @@ def evaluate(
         seed_list = _parse_ints(seeds, "--seeds")
         if k < 0:
             raise ConfigError(f"--k {k} is invalid: expected an integer ≥ 0")
+        if query_size is not None and query_size < 1:
+            raise ConfigError(f"--query-size {query_size} is invalid: expected an integer ≥ 1")
+        from abmll.runner import run_lock
+
+        held.enter_context(run_lock(out))  # a second evaluation into --out fails here
         clear_results(out)
         ckpt = load_checkpoint(checkpoint) if checkpoint else None
         cfg = ckpt["config"] if ckpt else ABMLLConfig()
@@ -416,6 +507,146 @@ def demo(
         _run_comparison(
             "zero-shot,lora,abmll", preset, None, None, None, None, out or Path(f"runs/demo-{preset}"), resume
         )
+
+
+ExportCheckpointOpt = Annotated[
+    Path, typer.Option("--checkpoint", help="An abmll checkpoint folder (e.g. OUT/final of abmll train).")
+]
+AdaptOnOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--adapt-on",
+        help="A support file (MetaICL .jsonl or CrossFit .tsv): export the task posterior mean μφ after the method's "
+        "K_test adaptation steps on it instead of the prior mean μθ.",
+    ),
+]
+ExportSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the adaptation's weight samples (--adapt-on).")]
+
+
+def _export(kind: str, checkpoint: Path, out: Path, model, adapt_on, seed: int, sets, device: str) -> None:
+    """Load the checkpoint on its model, optionally adapt on a support file, write the mean as ``kind``."""
+    from abmll.interop import check_export_folder, export_merged, export_peft, load, read_support, task_posterior
+
+    check_export_folder(out)
+    support = read_support(adapt_on) if adapt_on is not None else None
+    overrides = _parse_sets(sets)
+    with _progress() as bar:
+        job = bar.add_task("loading the model and the checkpoint", total=2 if support is None else 3)
+        mdl, tokenizer, method_obj = load(checkpoint, model, overrides=overrides, device=_device(device))
+        bar.advance(job)
+        phi = None
+        if support is not None:
+            bar.update(job, description=f"adapting on {adapt_on.name} ({len(support)} examples)")
+            phi = task_posterior(method_obj, support, seed)
+            bar.advance(job)
+        bar.update(job, description=f"writing {out}")
+        info = {
+            "checkpoint": str(checkpoint),
+            "method": method_obj.name,
+            "adapt_on": str(adapt_on) if adapt_on is not None else None,
+            "seed": seed if adapt_on is not None else None,
+            "config": method_obj.config.to_dict(),
+        }
+        if kind == "peft":
+            export_peft(mdl, out, phi, info=info)
+        else:
+            export_merged(mdl, tokenizer, out, phi, info=info)
+        bar.advance(job)
+    what = "prior mean μθ" if phi is None else "task posterior mean μφ"
+    console.print(f"{'PEFT adapter' if kind == 'peft' else 'merged model'} ({what}): {escape(str(out))}")
+
+
+@app.command("export-peft")
+def export_peft_command(
+    checkpoint: ExportCheckpointOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output folder: adapter_config.json, adapter_model.safetensors.")],
+    adapt_on: AdaptOnOpt = None,
+    model: ModelOpt = None,
+    seed: ExportSeedOpt = 0,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Write the mean of the checkpoint's prior (or of a task posterior, --adapt-on) as a standard PEFT LoRA adapter
+    for PeftModel.from_pretrained, vLLM or lm-evaluation-harness. --model defaults to the checkpoint's model."""
+    with _errors():
+        _export("peft", checkpoint, out, model, adapt_on, seed, sets, device)
+
+
+@app.command("export-merged")
+def export_merged_command(
+    checkpoint: ExportCheckpointOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output folder: a Hugging Face model folder with tokenizer.")],
+    adapt_on: AdaptOnOpt = None,
+    model: ModelOpt = None,
+    seed: ExportSeedOpt = 0,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Write the base model with the mean of the checkpoint's prior (or of a task posterior, --adapt-on) merged
+    into its weights, for AutoModelForCausalLM.from_pretrained. --model defaults to the checkpoint's model."""
+    with _errors():
+        _export("merged", checkpoint, out, model, adapt_on, seed, sets, device)
+
+
+@app.command("plan")
+def plan_command(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="A model config: 'llama3-8b' or 'qwen2-7b' (shipped), a config.json file, a folder with one, a Hub "
+            "id, or 'smollm2-135m' (the default). Only the config is read; no weights are loaded.",
+        ),
+    ] = None,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
+    targets: Annotated[
+        str, typer.Option("--targets", help="Comma-separated module names, 'all-linear' or 're:PATTERN'.")
+    ] = "q_proj,v_proj",
+    batch: Annotated[
+        int, typer.Option("--batch", help="Sequences per forward pass (a micro-batch's examples × their options).")
+    ] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (padded length).")] = 128,
+    read_tokens: Annotated[
+        int, typer.Option("--read-tokens", help="LM-head positions per sequence (the option's tokens).")
+    ] = 4,
+    inner_steps: Annotated[int, typer.Option("--inner-steps", help="K: inner SGD steps per task.")] = 5,
+    samples: Annotated[int, typer.Option("--samples", help="S: weight samples per inner step.")] = 1,
+    order: Annotated[str, typer.Option("--order", help="'first_order' or 'second_order' meta-gradients.")] = (
+        "first_order"
+    ),
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Base weights and activations: float32, bfloat16 or float16.")
+    ] = "float32",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute each decoder layer in the backward pass.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (bytes) instead of tables.")] = False,
+) -> None:
+    """Parameter counts (exact) and the estimated memory of an ABMLL meta-step for a model, from its config alone:
+    the module tree is built on the meta device and one meta-step is simulated with shapes only."""
+    with _errors():
+        from abmll.plan import plan, plan_table
+
+        target_list: list[str] | str = targets.strip()
+        if target_list != "all-linear" and not target_list.startswith("re:"):
+            target_list = [t.strip() for t in targets.split(",") if t.strip()]
+        result = plan(
+            model or "smollm2-135m",
+            rank=rank,
+            targets=target_list,
+            batch=batch,
+            seq_len=seq_len,
+            read_tokens=read_tokens,
+            inner_steps=inner_steps,
+            samples=samples,
+            order=order,
+            dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            results_console.print(plan_table(result))
 
 
 def main() -> None:  # pragma: no cover - console entry point

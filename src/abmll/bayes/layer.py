@@ -74,7 +74,7 @@ class BayesLoRALinear(nn.Module):
         self.layer_index = layer_index
         weight = next(base_layer.parameters(), None)
         device = weight.device if weight is not None else None
-        # θ: the four factor pairs of the global prior, always float32.
+        # θ: the four factor pairs of the global prior, always float32 (whatever the base layer's dtype).
         self.abmll_mu_A = nn.Parameter(torch.empty(rank, in_features, device=device))
         self.abmll_mu_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
         self.abmll_sigma_A = nn.Parameter(torch.empty(rank, in_features, device=device))
@@ -124,12 +124,15 @@ class BayesLoRALinear(nn.Module):
         if not self.enabled:
             return y
         f = self.factors()
-        h = x.to(f["mu_A"].dtype)
+        # The products run in the activations' dtype (bfloat16 under compute.dtype = bfloat16); the factors,
+        # σ = g(B_σ A_σ + o) + c and ε stay in their own dtype (float32) until the cast of the product's input.
+        dtype = x.dtype if x.is_floating_point() else f["mu_A"].dtype
+        h = x.to(dtype)
         # Low-rank mean path: s · (x A_μᵀ) B_μᵀ, never forming μ densely.
-        update = self.scaling * ((h @ f["mu_A"].T) @ f["mu_B"].T)
+        update = self.scaling * ((h @ f["mu_A"].T.to(dtype)) @ f["mu_B"].T.to(dtype))
         if self.noise_seed is not None:
             noise = self.sigma(f) * self.noise(self.noise_seed, f["mu_A"].device)
-            update = update + h @ noise.T
+            update = update + h @ noise.T.to(dtype)
         return y + update.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -7,10 +7,11 @@ Outer loss over a meta-batch of T tasks (eq. 8):
 
 Posterior predictive (eq. 9):  p(y | x) = (1/S) Σ_s p(y | x, W0 + ΔW_s),  ΔW_s ~ q_φᴷ.
 
-Across ranks (``torch.distributed`` initialised, e.g. by Accelerate or torchrun) each rank takes every
-world-size-th task of the meta-batch and θ's gradients are summed with an all-reduce; every weight sample
-comes from a seed derived from (seed, step, task index, …), so the result does not depend on the number
-of ranks.
+Across ranks (``torch.distributed`` initialised, e.g. by Accelerate or torchrun; see
+:mod:`abmll.distributed`) each rank takes every world-size-th task of the meta-batch and θ's gradients are
+summed with an all-reduce. Every weight sample comes from a seed derived from (seed, step, task index, …),
+and each task's gradient is added to the sum in float64, so that θ does not depend on the number of ranks
+(up to the rounding of a float64 sum to float32).
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from abmll.bayes.inject import bayes_layers, posterior, prior, weight_sample
 from abmll.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from abmll.config import ABMLLConfig
+from abmll.distributed import all_reduce_sum, broadcast_from_main, is_sharded, max_over_processes, world
+from abmll.errors import ConfigError
 from abmll.inner import Factors, adapt, chunks, derive_seed, straight_through
 from abmll.methods.base import LogFn, MetaBatches, Method
+from abmll.models import eval_mode
 from abmll.objectives import kl_divergence, log_hyperprior
 from abmll.tasks.data import Example
 
@@ -35,10 +38,8 @@ from abmll.tasks.data import Example
 _INNER, _OUTER, _ADAPT, _PREDICT = 1, 2, 3, 4
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+#: (rank, world size); kept under this name for the baselines that import it.
+_world = world
 
 
 class ABMLL(Method):
@@ -141,12 +142,15 @@ class ABMLL(Method):
         for p in self.theta.values():
             p.grad = torch.zeros_like(p)
 
-    def apply_gradients(self) -> float:
-        """Clip θ's gradient, take one optimiser step, advance the step counter; returns the gradient norm."""
+    def apply_gradients(self, loss: float = 0.0) -> float:
+        """Clip θ's gradient, take one optimiser step, advance the step counter; returns the gradient norm.
+        A non-finite ``loss`` or gradient stops training or skips the step (:meth:`Method.finite_or_skip`)."""
         params = list(self.theta.values())
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient of θ at meta-step {self.step}")
+        if not self.finite_or_skip(loss, float(grad_norm)):
+            self.zero_gradients()
+            self.step += 1
+            return float(grad_norm)
         if self.config.meta.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, self.config.meta.max_grad_norm, grad_norm)
         self.optimizer.step()
@@ -154,27 +158,40 @@ class ABMLL(Method):
         return float(grad_norm)
 
     def meta_step(self, episodes: Sequence) -> dict[str, float]:
-        """One optimiser step on θ over a meta-batch (eq. 8)."""
-        rank, world = _world()
-        self.zero_gradients()
+        """One optimiser step on θ over a meta-batch (eq. 8).
+
+        Each task's gradient is computed alone (from zero) and added to a float64 sum, which is then summed
+        across ranks: the order in which tasks are grouped on ranks changes nothing but float64 rounding."""
+        rank, world_size = world()
+        if world_size > 1 and is_sharded(self.model):
+            self._check_equal_work(episodes, rank, world_size)
+        params = list(self.theta.values())
+        device = params[0].device
+        total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         T = len(episodes)
-        sums = torch.zeros(5, dtype=torch.float64)  # nll, kl, support_first, support_last, tasks
-        for i in range(rank, T, world):
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # nll, kl, support_first, support_last, tasks
+        for i in range(rank, T, world_size):
+            for p in params:
+                p.grad = None
             stats = self.task_outer_backward(episodes[i], self.step, i, 1.0 / T)
+            for acc, p in zip(total, params, strict=True):
+                if p.grad is not None:
+                    acc.add_(p.grad)
             sums += torch.tensor(
                 [stats["nll"], stats["kl"], stats["support_first"], stats["support_last"], 1.0],
                 dtype=torch.float64,
+                device=device,
             )
-        if world > 1:
-            for p in self.theta.values():
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        all_reduce_sum([*total, sums])
+        for acc, p in zip(total, params, strict=True):
+            p.grad = acc.to(p.dtype)
+        del total
         log_prior = 0.0
         if self.gamma > 0:
             lp = log_hyperprior(self.theta, self.layers, self.config.objective)
             (-self.gamma * lp).backward()
             log_prior = float(lp.detach())
-        grad_norm = self.apply_gradients()
+        grad_norm = self.apply_gradients(loss=float(sums[0] + sums[1]) + log_prior)
         n = float(sums[4])
         nll, kl = float(sums[0]) / n, float(sums[1]) / n
         return {
@@ -186,7 +203,28 @@ class ABMLL(Method):
             "support_nll_last": float(sums[3]) / n,
             "log_hyperprior": log_prior,
             "grad_norm": grad_norm,
+            "world_size": world_size,
         }
+
+    def _forward_passes(self, episode) -> int:
+        """Forward passes (each with its backward) that one task of a meta-step runs."""
+        meta, samples = self.config.meta, self.config.inner.inner_samples if self.stochastic else 1
+        outer = len(episode.query) + (len(episode.support) if meta.outer_data == "support+query" else 0)
+        inner = self.config.inner.inner_steps * len(chunks(episode.support, meta.micro_batch_size))
+        return samples * (inner + len(chunks(range(outer), meta.micro_batch_size)))
+
+    def _check_equal_work(self, episodes: Sequence, rank: int, world_size: int) -> None:
+        """Under FSDP every rank must run the same number of forward and backward passes (each one gathers
+        the sharded weights from all ranks); raise a clear error where they would differ and the run hang."""
+        mine = sum(self._forward_passes(episodes[i]) for i in range(rank, len(episodes), world_size))
+        most, fewest = max_over_processes(mine), -max_over_processes(-mine)
+        if most != fewest:
+            raise ConfigError(
+                f"meta-step {self.step + 1}: with the base model sharded (FSDP) every rank must run the same "
+                f"number of forward passes, but they run between {fewest} and {most}; make meta.meta_batch_size "
+                f"({len(episodes)}) a multiple of the number of processes ({world_size}) and give every task at "
+                f"least meta.support_size + meta.query_size examples"
+            )
 
     def meta_train(
         self,
@@ -196,7 +234,8 @@ class ABMLL(Method):
         should_stop: Callable[[int], bool] | None = None,
     ) -> None:
         total = self.config.meta.meta_steps if steps is None else steps
-        self.model.train(False)  # no dropout: the randomness is the weight samples'
+        eval_mode(self.model)  # no dropout: the randomness is the weight samples'
+        broadcast_from_main(self.theta.values())  # every rank starts from rank 0's θ
         while self.step < total:
             record = self.meta_step(batches.meta_batch(self.step))
             if log is not None:

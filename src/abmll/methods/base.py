@@ -11,6 +11,7 @@ run needs on top (optimiser state, step).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from abmll.config import ABMLLConfig
+from abmll.errors import NonFiniteError
+from abmll.models import prepare_model
 from abmll.tasks.data import Episode, Example
 
 
@@ -40,8 +43,11 @@ class Method(ABC):
     #: gradients. :func:`abmll.methods.method_config` applies them where a config leaves the field at the
     #: library default; ``create_method`` leaves the config as given.
     default_overrides: ClassVar[dict[str, Any]] = {}
+    #: Meta-steps skipped for a non-finite loss or gradient (``meta.nonfinite = "skip"``).
+    skipped_steps: int = 0
 
     def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
+        prepare_model(model, config.compute)  # base dtype, gradient checkpointing (θ stays float32)
         self.model = model
         self.scorer = scorer
         self.config = config
@@ -64,6 +70,21 @@ class Method(ABC):
     @abstractmethod
     def predict(self, adapted: Any, query: Sequence[Example], seed: int) -> torch.Tensor:
         """Option probabilities ``[len(query), n_options]`` (rows sum to 1)."""
+
+    def finite_or_skip(self, loss: float, grad_norm: float) -> bool:
+        """The NaN/Inf guard, called before each optimiser step: True when ``loss`` and ``grad_norm`` are
+        finite. Otherwise raise :class:`NonFiniteError` (``meta.nonfinite = "stop"``, θ untouched), or count
+        a skipped step and return False (``"skip"``): the caller then leaves θ and the optimiser as they are."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return True
+        if self.config.meta.nonfinite != "skip":
+            raise NonFiniteError(
+                f"meta-step {self.step + 1}: the outer loss is {loss} and the gradient norm of θ is {grad_norm}; "
+                f"training stopped with θ as it was after meta-step {self.step} (meta.nonfinite = 'stop'). "
+                "Lower meta.outer_lr or inner.inner_lr, or set meta.nonfinite=skip to skip such steps"
+            )
+        self.skipped_steps += 1
+        return False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

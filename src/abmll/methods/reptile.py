@@ -53,7 +53,8 @@ class Reptile(StructuredLoRA):
         self.zero_gradients()
         T = len(episodes)
         step = self.step
-        sums = torch.zeros(3, dtype=torch.float64)  # support_first, support_last, tasks
+        device = next(iter(self.theta.values())).device  # collectives need the parameters' device (NCCL)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # support_first, support_last, tasks
         for i in range(rank, T, world):
             episode = episodes[i]
             losses: list[float] = []
@@ -67,19 +68,20 @@ class Reptile(StructuredLoRA):
                 for key, p in self.theta.items():
                     p.grad += (p - phi[key]) / T
             nan = float("nan")
-            sums += torch.tensor([losses[0] if losses else nan, losses[-1] if losses else nan, 1.0])
+            sums += torch.tensor(
+                [losses[0] if losses else nan, losses[-1] if losses else nan, 1.0], dtype=torch.float64, device=device
+            )
         if world > 1:
             for p in self.theta.values():
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         params = list(self.theta.values())
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(norm):
-            raise FloatingPointError(f"non-finite Reptile update of θ at meta-step {self.step}")
-        self.optimizer.step()
-        self.step += 1
         n = float(sums[2])
         first, last = float(sums[0]) / n, float(sums[1]) / n
+        if self.finite_or_skip(last, float(norm)):  # the NaN/Inf guard: stop, or skip leaving θ as it is
+            self.optimizer.step()
+        self.step += 1
         return {
             "step": self.step,
             # Reptile has no outer loss: report the task loss of the last inner step (at φᴷ⁻¹).

@@ -78,6 +78,8 @@ def _read_text(path: Path) -> bytes:
         raise _err(path, "no such file") from None
     except OSError as e:
         raise _err(path, f"cannot read the file ({e.strerror or e})") from None
+    except ValueError as e:  # e.g. a NUL character in the path
+        raise _err(repr(str(path)), f"invalid file path ({e})") from None
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:
@@ -190,8 +192,15 @@ def _name_from_file(path: Path) -> str:
     return m.group("name") if m else path.stem
 
 
+def _check_task_name(task: Any, where: Path | str) -> None:
+    """A task name is one folder name: a non-empty string without path separators or NUL, not '.' or '..'."""
+    if not isinstance(task, str) or task in ("", ".", "..") or any(c in task for c in "/\\\0"):
+        raise _err(where, f"invalid task name {task!r}: expected a folder name without '/', '\\' or NUL")
+
+
 def _task_dir(data_dir: Path | str, task: str) -> Path:
     data_dir = Path(data_dir)
+    _check_task_name(task, data_dir)
     if not data_dir.is_dir():
         raise _err(data_dir, "no such data folder")
     task_dir = data_dir / task
@@ -338,6 +347,8 @@ def read_setting(path: Path | str) -> dict[str, list[str]]:
             or not all(isinstance(t, str) and t.strip() for t in names)
         ):
             raise _err(path, f"field '{key}': expected a non-empty list of non-empty task-name strings")
+        for name in names:
+            _check_task_name(name, path)
         dup = sorted({t for i, t in enumerate(names) if t in names[:i]})
         if dup:
             raise _err(path, f"field '{key}': duplicate task names {dup}")
@@ -544,7 +555,7 @@ def _check_mapping(mapping: Any, where: str) -> dict:
 
     if not isinstance(mapping, dict):
         raise bad(f"expected a dict with keys {list(_MAPPING_KEYS)}, got {_tname(mapping)}")
-    extra = sorted(set(mapping) - set(_MAPPING_KEYS))
+    extra = sorted(set(mapping) - set(_MAPPING_KEYS), key=repr)
     if extra:
         raise bad(f"unexpected keys {extra}; expected {list(_MAPPING_KEYS)}")
     for key in ("input", "gold"):
