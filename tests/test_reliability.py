@@ -415,6 +415,30 @@ def test_a_locked_output_folder_fails_at_once_naming_it(env, tmp_path, monkeypat
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
 
 
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_evaluate_and_compare_refuse_a_locked_output_folder(env, tmp_path, command):
+    """``abmll evaluate`` and ``abmll compare`` take the same lock on ``--out`` as ``abmll train``."""
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # another run's result: must survive the refused run
+    common = ["--model", str(env.model), "--data", str(env.data), "--out", str(out)]
+    if command == "evaluate":
+        argv = ["evaluate", "--method", "zero-shot", "--tasks", TASKS[0], "--device", "cpu", *common]
+    else:
+        setting = tmp_path / "setting.json"
+        setting.write_text(json.dumps({"train": TASKS[:2], "test": TASKS[2:3]}))
+        argv = ["compare", "--methods", "zero-shot", "--preset", "smoke", "--setting", str(setting), *common]
+    with open(out / ".lock", "w") as held:  # what another process's run holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = invoke(argv)
+    assert result.exit_code == 2
+    line = one_line(result)
+    assert str(out) in line and "in use by another abmll run" in line
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "results.json"]
+
+
 # ------------------------------------------------------------------------------------------ RNG, atomic writes
 
 

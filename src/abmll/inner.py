@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from abmll.bayes.inject import bayes_layers, clone_factors, posterior, weight_sample
-from abmll.objectives import kl_divergence
+from abmll.objectives import LayerwiseGrad, kl_divergence
 from abmll.tasks.data import Example
 
 Factors = dict[str, torch.Tensor]
@@ -68,8 +68,9 @@ def support_gradient(
     micro_batch_size: int,
     create_graph: bool,
 ) -> tuple[float, list[torch.Tensor | None]]:
-    """∇_φ [NLL(S; φ, ε) + β·KL(q_φ ‖ p_θ)], one micro-batch at a time so that only one chunk's graph is
-    alive at once (unless ``create_graph`` keeps them for second order). Returns (loss value, gradients)."""
+    """∇_φ [NLL(S; φ, ε) + β·KL(q_φ ‖ p_θ)] (eq. 7), one micro-batch at a time and the KL one layer at a time,
+    so that only one chunk's graph or one layer's dense μ and σ are alive at once (unless ``create_graph`` keeps
+    them for second order). Returns (loss value, gradients)."""
     params = list(phi.values())
     grads: list[torch.Tensor | None] = [None] * len(params)
     value = 0.0
@@ -84,11 +85,9 @@ def support_gradient(
                         grads, torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
                     )
     if beta > 0:
-        kl = beta * kl_divergence(phi, prior_side, bayes_layers(model))
-        value += float(kl.detach())
-        grads = _accumulate(
-            grads, torch.autograd.grad(kl, params, create_graph=create_graph, allow_unused=True)
-        )
+        kl_grad = LayerwiseGrad(params, beta, create_graph=create_graph)
+        value += beta * float(kl_divergence(phi, prior_side, bayes_layers(model), kl_grad))
+        grads = _accumulate(grads, kl_grad.grads)
     return value, grads
 
 

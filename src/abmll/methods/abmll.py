@@ -31,7 +31,7 @@ from abmll.errors import ConfigError
 from abmll.inner import Factors, adapt, chunks, derive_seed, straight_through
 from abmll.methods.base import LogFn, MetaBatches, Method
 from abmll.models import eval_mode
-from abmll.objectives import kl_divergence, log_hyperprior
+from abmll.objectives import LayerwiseGrad, kl_divergence, log_hyperprior
 from abmll.tasks.data import Example
 
 # Tags that keep the seed streams of different uses of ε apart.
@@ -128,9 +128,13 @@ class ABMLL(Method):
                         nll_value += float(loss.detach())
         kl_value = 0.0
         if self.beta > 0:
-            kl = kl_divergence(phi, self.theta, self.layers)
-            (self.beta * kl * weight).backward()
-            kl_value = float(kl.detach())
+            # β·KL is differentiated one layer at a time, with φᴷ entering as a detached copy, so that its
+            # gradient is sent through φᴷ's own graph (the straight-through, or the K inner steps) once at the end.
+            phi_in = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+            thetas = list(self.theta.values())
+            kl_grad = LayerwiseGrad([*phi_in.values(), *thetas], self.beta * weight)
+            kl_value = float(kl_divergence(phi_in, self.theta, self.layers, kl_grad))
+            kl_grad.backward([*phi.values(), *thetas])
         return {
             "nll": nll_value,
             "kl": kl_value,
@@ -187,10 +191,10 @@ class ABMLL(Method):
             p.grad = acc.to(p.dtype)
         del total
         log_prior = 0.0
-        if self.gamma > 0:
-            lp = log_hyperprior(self.theta, self.layers, self.config.objective)
-            (-self.gamma * lp).backward()
-            log_prior = float(lp.detach())
+        if self.gamma > 0:  # −γ · log p(θ), differentiated one layer at a time
+            lp_grad = LayerwiseGrad(params, -self.gamma)
+            log_prior = float(log_hyperprior(self.theta, self.layers, self.config.objective, lp_grad))
+            lp_grad.backward()
         grad_norm = self.apply_gradients(loss=float(sums[0] + sums[1]) + log_prior)
         n = float(sums[4])
         nll, kl = float(sums[0]) / n, float(sums[1]) / n
