@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: interleaved timing, the peak resident-set rise of a call (measured in a
-fresh child process), a description of the machine, and the writer of a script's section in RESULTS.md.
+"""What the benchmark scripts share: their common options, interleaved timing, the peak resident-set rise of a
+call (measured in a fresh child process), a description of the machine, the record of a run (its header lines)
+and the writer of a script's section in RESULTS.md.
 
 The scripts run as ``.venv/bin/python benchmarks/<name>.py``, so this folder is on ``sys.path`` and they
 import this module as ``_common``.
@@ -7,6 +8,7 @@ import this module as ``_common``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,6 +27,22 @@ HEADER = (
     "Measured results of the scripts in `benchmarks/`. Each section is written by its script with `--write`\n"
     "(which replaces that section only) and records the date, the machine and the exact command.\n"
 )
+
+
+# --- options ---------------------------------------------------------------------------------------------
+def add_timing_options(parser: argparse.ArgumentParser, warmup: int, reps: int) -> None:
+    """Add ``--warmup`` and ``--reps``, the options of :func:`time_interleaved`, with these defaults."""
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls of each variant first")
+    parser.add_argument("--reps", type=int, default=reps, help="timed calls of each variant, interleaved")
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add ``--threads`` and ``--write``, parse the command line and set torch's thread count."""
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--write", action="store_true", help=f"replace this section of {RESULTS}")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 # --- timing ----------------------------------------------------------------------------------------------
@@ -115,6 +133,50 @@ def command_line() -> str:
 
 def utc_date() -> str:
     return subprocess.run(["date", "-u"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+class Record:
+    """What a section records about its run: the command, the date, the start time and the load average at the
+    start (taken on creation) and at the end (taken by :meth:`stop`)."""
+
+    def __init__(self) -> None:
+        self.command, self.date, self.t0 = command_line(), utc_date(), time.perf_counter()
+        self.load_start = os.getloadavg()
+        self.load_end: tuple[float, float, float] | None = None
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return time.perf_counter() - self.t0
+
+    def stop(self) -> None:
+        """Take the load average at the end."""
+        self.load_end = os.getloadavg()
+
+    def header(self, title: str, *after_machine: str) -> list[str]:
+        """The section's first lines: its ``## title``, then date, machine (``after_machine`` lines follow it),
+        command and load average at start and end."""
+        if self.load_end is None:
+            self.stop()
+        return [
+            f"## {title}",
+            "",
+            f"- date: {self.date}",
+            f"- machine: {machine()}",
+            *after_machine,
+            f"- command: `{self.command}`",
+            f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in self.load_start)}; at end: "
+            f"{', '.join(f'{x:.2f}' for x in self.load_end)} (the 2-core machine was running another long job: "
+            "absolute seconds are not meaningful under this load, the ratios of interleaved calls are)",
+        ]
+
+
+def emit(section: str, lines: Sequence[str], write: bool) -> None:
+    """Print a section's ``lines`` as Markdown and, when ``write``, replace its section of RESULTS.md."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if write:
+        write_section(section, text)
+        print(f"wrote the '{section}' section of {RESULTS}")
 
 
 def write_section(section: str, text: str, results: Path = RESULTS) -> None:

@@ -21,13 +21,11 @@ where the extra time goes. Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 
 import torch
-from _common import RESULTS, command_line, machine, time_interleaved, utc_date, write_section
+from _common import Record, add_timing_options, emit, parse_args, time_interleaved
 from scoring_head import examples
 
 from abmll.bayes import inject, posterior, prior, weight_sample
@@ -54,14 +52,9 @@ def op_table(step, top: int = 8) -> tuple[list[tuple[str, float, int]], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2, help="questions per batch (4 options each)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each variant first")
-    parser.add_argument("--reps", type=int, default=5, help="timed calls of each variant, interleaved")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--write", action="store_true", help=f"replace this section of {RESULTS}")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    command, date, t0 = command_line(), utc_date(), time.perf_counter()
-    load_start = os.getloadavg()
+    add_timing_options(parser, warmup=2, reps=5)
+    args = parse_args(parser)
+    record = Record()
 
     from peft import LoraConfig, get_peft_model
 
@@ -98,24 +91,17 @@ def main() -> None:
 
     steps = {"peft": peft_step, "abmll-mean": abmll_step(None), "abmll": abmll_step(0)}
     times = time_interleaved(steps, args.warmup, args.reps)
-    print(f"timed at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"timed at {record.elapsed():.0f} s", file=sys.stderr, flush=True)
     profile_rows, profile_total = op_table(steps["abmll"])
     profile_mean, mean_total = op_table(steps["abmll-mean"])
-    load_end = os.getloadavg()
+    record.stop()
     med = {name: statistics.median(t) for name, t in times.items()}
     ratio = med["abmll"] / med["peft"]
     enc = scorer.encode(batch)
     lengths = enc.attention_mask.sum(-1)
 
     lines = [
-        "## Adapter overhead: ABMLL's Bayesian LoRA layer vs plain LoRA, forward + backward",
-        "",
-        f"- date: {date}",
-        f"- machine: {machine()}",
-        f"- command: `{command}`",
-        f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_start)}; at end: "
-        f"{', '.join(f'{x:.2f}' for x in load_end)} (the 2-core machine was running another long job: absolute "
-        "seconds are not meaningful under this load, the ratios of interleaved calls are)",
+        *record.header("Adapter overhead: ABMLL's Bayesian LoRA layer vs plain LoRA, forward + backward"),
         "- model: SmolLM2-135M (`load_model(None)`, float32, CPU); scorer `option`; adapters on q_proj, v_proj, "
         "rank 8, alpha 16, on two copies of the model",
         f"- batch: {len(batch)} questions × 4 options = {enc.input_ids.shape[0]} sequences of "
@@ -158,11 +144,7 @@ def main() -> None:
         + ".",
         "",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
-        print(f"wrote the '{SECTION}' section of {RESULTS}")
+    emit(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

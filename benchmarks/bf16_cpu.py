@@ -35,12 +35,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, command_line, machine, time_interleaved, utc_date, write_section
+from _common import Record, add_timing_options, emit, parse_args, time_interleaved
 from meta_step_cost import episode, make_step
 from scoring_head import examples
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -136,19 +135,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="questions of the forward batch (4 options each)")
     parser.add_argument("--k", type=int, default=1, help="inner steps K of the meta-step")
     parser.add_argument("--size", type=int, default=2048, help="n of the n × n matrix products")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each variant first")
-    parser.add_argument("--reps", type=int, default=3, help="timed calls of each variant, interleaved")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    add_timing_options(parser, warmup=1, reps=3)
     parser.add_argument("--threads2", type=int, default=2, help="the other thread count of part 4")
-    parser.add_argument("--write", action="store_true", help=f"replace this section of {RESULTS}")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    command, date, t0 = command_line(), utc_date(), time.perf_counter()
-    load_start = os.getloadavg()
+    args = parse_args(parser)
+    record = Record()
     bf16 = torch.bfloat16
 
     def log(what: str) -> None:
-        print(f"{what} at {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        print(f"{what} at {record.elapsed():.0f} s", file=sys.stderr, flush=True)
 
     # 1. matrix products
     n = args.size
@@ -249,7 +243,7 @@ def main() -> None:
     question_batches = [batch, list(ep.support) + list(ep.query)]
     acc_variants = {k: forward_variants[k] for k in ("autocast bf16 (fp32 weights)", "bf16 weights", "fp16 weights")}
     acc_lines = logprob_check(m32, acc_variants, scorer, question_batches)
-    load_end = os.getloadavg()
+    record.stop()
 
     def table(times: dict[str, list[float]], base: str, title: str) -> list[str]:
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -265,15 +259,9 @@ def main() -> None:
     fastest_fwd = min(med_fwd, key=med_fwd.get)
     fastest_meta = min(med_meta, key=med_meta.get)
     lines = [
-        "## bfloat16 vs float32 on this CPU: matrix products, scoring forward, meta-step",
-        "",
-        f"- date: {date}",
-        f"- machine: {machine()}",
-        f"- {isa_line()}",
-        f"- command: `{command}`",
-        f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_start)}; at end: "
-        f"{', '.join(f'{x:.2f}' for x in load_end)} (the 2-core machine was running another long job: absolute "
-        "seconds are not meaningful under this load, the ratios of interleaved calls are)",
+        *record.header(
+            "bfloat16 vs float32 on this CPU: matrix products, scoring forward, meta-step", f"- {isa_line()}"
+        ),
         f"- model: SmolLM2-135M (`load_model(None)`), one copy per variant; forward batch: {len(batch)} questions × "
         f"4 options = {enc.input_ids.shape[0]} sequences of {int(lengths.min())}–{int(lengths.max())} tokens "
         f"(padded to {enc.input_ids.shape[1]}); meta-step: first-order ABMLL, K = {args.k}, "
@@ -336,11 +324,7 @@ def main() -> None:
         f"meta-step: **{fastest_meta}** ({med_meta[fastest_meta] / med_meta['float32']:.2f}× float32)",
         "",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
-        print(f"wrote the '{SECTION}' section of {RESULTS}")
+    emit(SECTION, lines, args.write)
     log("done")
 
 

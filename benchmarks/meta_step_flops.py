@@ -21,13 +21,12 @@ from the repository root::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
-from _common import RESULTS, command_line, machine, utc_date, write_section
+from _common import Record, emit, parse_args
 from meta_step_cost import episode as short_episode
 from meta_step_cost import make_step
 from scoring_head import examples
@@ -68,12 +67,8 @@ def main() -> None:
     parser.add_argument("--passage", type=int, default=2, help="support (and query) questions of the passage episode")
     parser.add_argument("--reps", type=int, default=2, help="timed meta-steps per episode, each after a reference")
     parser.add_argument("--ref-size", type=int, default=2048, help="n of the n × n float32 reference product")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--write", action="store_true", help=f"replace this section of {RESULTS}")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    command, date, t0 = command_line(), utc_date(), time.perf_counter()
-    load_start = os.getloadavg()
+    args = parse_args(parser)
+    record = Record()
 
     n = args.ref_size
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -114,19 +109,12 @@ def main() -> None:
             flops=flops, by_op=by_op, step=step_times, ref=ref_times, split=split,
             shape=f"{enc.input_ids.shape[0]} sequences of {int(lengths.min())}–{int(lengths.max())} tokens",
         )
-        print(f"{name}: {statistics.median(step_times):.2f} s at {time.perf_counter() - t0:.0f} s",
+        print(f"{name}: {statistics.median(step_times):.2f} s at {record.elapsed():.0f} s",
               file=sys.stderr, flush=True)
-    load_end = os.getloadavg()
+    record.stop()
 
     lines = [
-        "## Achieved FLOP/s of an ABMLL meta-step vs a float32 matrix product",
-        "",
-        f"- date: {date}",
-        f"- machine: {machine()}",
-        f"- command: `{command}`",
-        f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_start)}; at end: "
-        f"{', '.join(f'{x:.2f}' for x in load_end)} (the 2-core machine was running another long job: absolute "
-        "seconds are not meaningful under this load, the ratios of interleaved calls are)",
+        *record.header("Achieved FLOP/s of an ABMLL meta-step vs a float32 matrix product"),
         f"- meta-step: SmolLM2-135M (`load_model(None)`, float32), first-order ABMLL, K = {args.k} inner steps, one "
         "weight sample per step, 1 task, Bayesian LoRA rank 8 on q_proj, v_proj; θ restored before every call",
         f"- FLOPs: `torch.utils.flop_counter.FlopCounterMode` on one untimed meta-step (matrix products only: "
@@ -176,11 +164,7 @@ def main() -> None:
         + ".",
         "",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
-        print(f"wrote the '{SECTION}' section of {RESULTS}")
+    emit(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

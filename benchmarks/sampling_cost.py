@@ -16,13 +16,11 @@ medians. Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 
 import torch
-from _common import RESULTS, command_line, machine, time_interleaved, utc_date, write_section
+from _common import Record, add_timing_options, emit, parse_args, time_interleaved
 from scoring_head import examples
 
 from abmll.bayes.inject import clone_factors
@@ -38,14 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2, help="questions per batch (4 options each)")
     parser.add_argument("--samples", type=int, default=8, help="S: posterior samples of the sampled predictive")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each variant first")
-    parser.add_argument("--reps", type=int, default=3, help="timed calls of each variant, interleaved")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--write", action="store_true", help=f"replace this section of {RESULTS}")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    command, date, t0 = command_line(), utc_date(), time.perf_counter()
-    load_start = os.getloadavg()
+    add_timing_options(parser, warmup=1, reps=3)
+    args = parse_args(parser)
+    record = Record()
 
     model, tok = load_model(None)
     query = examples(args.batch)
@@ -65,21 +58,14 @@ def main() -> None:
     steps = {name: (lambda m=m: m.predict(phi, query, seed=0)) for name, m in methods.items()}
     times = time_interleaved(steps, args.warmup, args.reps)
     probs = {name: steps[name]() for name in steps}
-    load_end = os.getloadavg()
+    record.stop()
     med = {name: statistics.median(t) for name, t in times.items()}
     enc = methods["mean"].scorer.encode(query)
     lengths = enc.attention_mask.sum(-1)
     big = f"sample S={args.samples}"
     per_sample = med[big] / med["mean"] / args.samples
     lines = [
-        "## Sampling cost: S posterior samples at evaluation vs one mean pass",
-        "",
-        f"- date: {date}",
-        f"- machine: {machine()}",
-        f"- command: `{command}`",
-        f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in load_start)}; at end: "
-        f"{', '.join(f'{x:.2f}' for x in load_end)} (the 2-core machine was running another long job: absolute "
-        "seconds are not meaningful under this load, the ratios of interleaved calls are)",
+        *record.header("Sampling cost: S posterior samples at evaluation vs one mean pass"),
         "- model: SmolLM2-135M (`load_model(None)`, float32, CPU); Bayesian LoRA on q_proj, v_proj (rank 8); "
         "`ABMLL.predict` under `torch.no_grad`, one chunk",
         f"- query batch: {len(query)} questions × 4 options = {enc.input_ids.shape[0]} sequences of "
@@ -106,12 +92,8 @@ def main() -> None:
         "σ at its initial 1e-3: the samples barely move the prediction here)",
         "",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
-        print(f"wrote the '{SECTION}' section of {RESULTS}")
-    print(f"done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    emit(SECTION, lines, args.write)
+    print(f"done at {record.elapsed():.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -426,7 +426,13 @@ MethodsOpt = Annotated[
         "abmll, abmll-icl.",
     ),
 ]
-PresetOpt = Annotated[str, typer.Option("--preset", help="Budget: smoke (CI, minutes), quick (~20 min), full (hours).")]
+PresetOpt = Annotated[
+    str,
+    typer.Option(
+        "--preset",
+        help="Budget: smoke (CI, about a minute), quick (about 15 min on 2 CPU cores), full (3 seeds, about 2 hours).",
+    ),
+]
 
 
 def _run_comparison(
