@@ -319,3 +319,11 @@ def test_smollm2_folder_real():
     with torch.no_grad():
         logits = model(**batch).logits
     assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size
+
+
+def test_result_files_name_the_cache_portably(tmp_path, monkeypatch):
+    from abmll.assets import portable_path
+
+    monkeypatch.setenv("ABMLL_HOME", str(tmp_path / "home"))
+    assert portable_path(tmp_path / "home" / "suite" / "x") == "$ABMLL_HOME/suite/x"
+    assert portable_path(tmp_path / "data") == str(tmp_path / "data")

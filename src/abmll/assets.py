@@ -90,6 +90,15 @@ def abmll_home() -> Path:
     return Path.home() / ".cache" / "abmll"
 
 
+def portable_path(path: str | Path) -> str:
+    """``path`` as recorded in result files: under the cache it is written ``$ABMLL_HOME/…``, so that results
+    name the built-in suite the same way on every machine; any other path as given."""
+    try:
+        return "$ABMLL_HOME/" + Path(path).resolve().relative_to(abmll_home().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 @dataclass(frozen=True)
 class WheelSpec:
     """One pinned PyPI wheel: what ``pip download`` must produce and its SHA-256."""

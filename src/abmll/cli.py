@@ -72,6 +72,12 @@ SeedOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="'auto' (CUDA when available), 'cpu' or 'cuda'.")]
 
 
+def _portable(path: Path) -> str:
+    from abmll.assets import portable_path
+
+    return portable_path(path)
+
+
 def _fail(message: str) -> None:
     # The message is escaped (paths and values may hold '[...]') and never hard-wrapped (one line in logs);
     # line breaks inside it (e.g. from a third-party exception) are joined.
@@ -269,7 +275,7 @@ def train(
         mdl, method_obj, model_name = _build(model, method, cfg, torch_device("cpu") if fsdp else rank_device)
         from abmll.runner import meta_train_run
 
-        info = {"method": method, "model": model_name, "data": str(data_dir), "world_size": world()[1]}
+        info = {"method": method, "model": model_name, "data": _portable(data_dir), "world_size": world()[1]}
         if init_peft is not None:
             from abmll.interop import import_peft
 
@@ -408,7 +414,7 @@ def evaluate(
             "method": method,
             "model": model_name,
             "checkpoint": str(checkpoint) if checkpoint else None,
-            "data": str(data_dir),
+            "data": _portable(data_dir),
             "k": k,
             "seeds": seed_list,
             "config": cfg.to_dict(),

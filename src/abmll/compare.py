@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from abmll.assets import portable_path
 from abmll.checkpoint import versions, write_json_atomic
 from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError
@@ -122,7 +123,7 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
     model, tokenizer = load_model(comparison.model)
     method = create_method(method_name, model, Scorer(tokenizer, config.scoring), config)
     model_name = comparison.model or DEFAULT_MODEL
-    info = {"method": method_name, "model": model_name, "data": str(comparison.data_dir)}
+    info = {"method": method_name, "model": model_name, "data": portable_path(comparison.data_dir)}
     if overrides:
         info["method_overrides"] = overrides
     if method.meta_learns and config.meta.meta_steps > 0:
