@@ -21,6 +21,7 @@ WORDS = (
 ).split()
 GOOD = ("yes", "true", "good", "right", "happy", "warm", "light", "strong")
 BAD = ("no", "false", "bad", "wrong", "sad", "cold", "dark", "weak")
+PAIRS = list(zip(GOOD, BAD, strict=True))  # (good, bad) word pairs: one family of tasks per pair
 
 
 def make_config(**overrides) -> ABMLLConfig:
@@ -72,3 +73,35 @@ def smollm2():
         return load_model(None)
     except AssetError as exc:
         pytest.skip(f"the embedded SmolLM2-135M asset is absent and could not be fetched: {exc}")
+
+
+def tiny_comparison(tmp_path, methods: list[str]):
+    """A comparison of ``methods`` on the tiny Llama saved under ``tmp_path``: two meta-training families, one
+    unseen task (4-shot, 8 query examples), seed 100, two meta-steps."""
+    from abmll.compare import Comparison
+    from abmll.config import ABMLLConfig
+    from abmll.models import tiny_llama
+    from abmll.tasks.data import Task
+    from abmll.tasks.readers import write_metaicl_task
+
+    if not (tmp_path / "tiny").is_dir():
+        model, tokenizer = tiny_llama(seed=0)
+        model.save_pretrained(tmp_path / "tiny")
+        tokenizer.save_pretrained(tmp_path / "tiny")
+        data = tmp_path / "data"
+        for i in range(2):
+            write_metaicl_task(family_task(f"fam{i}", PAIRS[2 * i : 2 * i + 2], 16, seed=i), data, 16384, 100, "train")
+        unseen = family_task("unseen", PAIRS[::3], 12, seed=9).examples
+        write_metaicl_task(Task("unseen", unseen[:4]), data, 4, 100, "train")
+        write_metaicl_task(Task("unseen", unseen[4:]), data, 4, 100, "test")
+    config = ABMLLConfig().override(
+        {
+            "meta.meta_steps": 2, "meta.meta_batch_size": 2, "meta.support_size": 4, "meta.query_size": 4,
+            "inner.inner_steps": 1, "inner.test_inner_steps": 1, "predict.samples": 2, "scoring.max_length": 128,
+            "meta.checkpoint_every": 1,
+        }
+    )  # fmt: skip
+    return Comparison(
+        methods=methods, data_dir=tmp_path / "data", train_tasks=["fam0", "fam1"], test_tasks=["unseen"],
+        seeds=[100], config=config, k=4, query_size=8, model=str(tmp_path / "tiny"),
+    )  # fmt: skip

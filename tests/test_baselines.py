@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import BAD, GOOD, adapted_tiny, family_task, make_config
+from conftest import PAIRS, adapted_tiny, family_task, make_config, tiny_comparison
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from typer.testing import CliRunner
 
@@ -36,8 +36,6 @@ from abmll.methods.icl import SEPARATOR, demonstrate, scored_length, with_demons
 from abmll.models import tiny_llama
 from abmll.scoring import Scorer, label_prompt
 from abmll.tasks.data import Episode, MetaBatchSampler, Task
-
-PAIRS = list(zip(GOOD, BAD, strict=True))
 
 
 def _perturb(theta: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> None:
@@ -388,30 +386,10 @@ def test_untrained_baselines_evaluate_without_a_checkpoint(tmp_path, name):
 
 
 def test_baselines_run_through_the_comparison_harness(tmp_path):
-    from abmll.compare import Comparison, run_comparison
-    from abmll.tasks.readers import write_metaicl_task
+    from abmll.compare import run_comparison
 
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    data = tmp_path / "data"
-    for i in range(2):
-        write_metaicl_task(family_task(f"fam{i}", PAIRS[2 * i : 2 * i + 2], 16, seed=i), data, 16384, 100, "train")
-    unseen = family_task("unseen", PAIRS[::3], 12, seed=9).examples
-    write_metaicl_task(Task("unseen", unseen[:4]), data, 4, 100, "train")
-    write_metaicl_task(Task("unseen", unseen[4:]), data, 4, 100, "test")
-    config = ABMLLConfig().override(
-        {
-            "meta.meta_steps": 2, "meta.meta_batch_size": 2, "meta.support_size": 4, "meta.query_size": 4,
-            "inner.inner_steps": 1, "inner.test_inner_steps": 1, "predict.samples": 2, "scoring.max_length": 128,
-            "meta.checkpoint_every": 1,
-        }
-    )  # fmt: skip
     methods = ["icl", "lora-task", "reptile", "maml", "abmll-icl"]
-    comparison = Comparison(
-        methods=methods, data_dir=data, train_tasks=["fam0", "fam1"], test_tasks=["unseen"], seeds=[100],
-        config=config, k=4, query_size=8, model=str(tmp_path / "tiny"),
-    )  # fmt: skip
+    comparison = tiny_comparison(tmp_path, methods)
     out = tmp_path / "out"
     results = run_comparison(comparison, out)
     assert list(results["methods"]) == methods

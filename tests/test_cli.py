@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BAD, GOOD, family_task
+from conftest import PAIRS, family_task
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -28,7 +28,6 @@ from abmll.models import tiny_llama
 from abmll.tasks.data import Task
 from abmll.tasks.readers import write_metaicl_task
 
-PAIRS = list(zip(GOOD, BAD, strict=True))
 TRAIN_TASKS = [f"fam{i}" for i in range(4)]
 TEST_TASK = "unseen"
 SEEDS = (100, 13)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from conftest import tiny_comparison
 
 from abmll.compare import _paired_markdown, paired_differences
 
@@ -33,3 +36,42 @@ def test_paired_differences_pair_by_seed_and_give_a_t_interval():
 
 def test_no_paired_section_without_abmll():
     assert paired_differences({"lora": _results({"rte": [(100, 0.5, 0.2)]})}) == {}
+
+
+def _probabilities(folder) -> list[float]:
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    return [p for row in rows for p in row["probs"]]
+
+
+def test_abmll_icl_reuses_the_abmll_cell_and_predicts_as_if_it_had_trained_itself(tmp_path):
+    from abmll.compare import run_comparison, shared_meta_training
+
+    both = tmp_path / "both"
+    run_comparison(tiny_comparison(tmp_path, ["abmll", "abmll-icl"]), both)
+    cell = both / "abmll-icl" / "seed-100"
+    assert not (cell / "train").exists()  # no second meta-training
+    assert json.loads((cell / "results.json").read_text())["meta_trained_by"] == "abmll/seed-100"
+
+    alone = tmp_path / "alone"  # no abmll cell to share: abmll-icl meta-trains its own θ
+    run_comparison(tiny_comparison(tmp_path, ["abmll-icl"]), alone)
+    assert (alone / "abmll-icl" / "seed-100" / "train" / "final").is_dir()
+    assert "meta_trained_by" not in json.loads((alone / "abmll-icl" / "seed-100" / "results.json").read_text())
+    assert _probabilities(cell) == pytest.approx(_probabilities(alone / "abmll-icl" / "seed-100"), abs=1e-6)
+
+    comparison = tiny_comparison(tmp_path, ["abmll-icl"])
+    other = comparison.config.override({"seed": 100, "objective.beta": 0.5})  # not how the abmll cell was trained
+    assert shared_meta_training(comparison, "abmll-icl", other, cell) is None
+    assert shared_meta_training(comparison, "lora", other, cell) is None  # lora shares no one's training
+
+
+def test_cell_times_survive_resumed_sittings(tmp_path):
+    from abmll.compare import run_comparison
+
+    out = tmp_path / "out"
+    first = run_comparison(tiny_comparison(tmp_path, ["zero-shot"]), out)
+    (recorded,) = first["timings_s"].values()
+    assert recorded == json.loads((out / "zero-shot" / "seed-100" / "results.json").read_text())["wall_s"] > 0
+    second = run_comparison(tiny_comparison(tmp_path, ["zero-shot", "icl"]), out, resume=True)
+    assert second["timings_s"]["zero-shot/seed-100"] == recorded  # kept from the first sitting
+    assert set(second["timings_s"]) == {"zero-shot/seed-100", "icl/seed-100"}
+    assert "| icl/seed-100 |" in (out / "report.md").read_text()

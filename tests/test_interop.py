@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BAD, GOOD, family_task, make_config
+from conftest import GOOD, PAIRS, family_task, make_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -31,7 +31,6 @@ RANK = 4
 #: alpha 16 / rank 4: abmll's s = 4; the imported PEFT adapters use other alphas to exercise the rescaling.
 CONFIG = make_config(**{"lora.rank": RANK, "inner.test_inner_steps": 3, "inner.inner_lr": 0.5})
 TEXTS = ["the cat sat on the table and the dog ran", "a big red boat on the river"]
-PAIRS = list(zip(GOOD, BAD, strict=True))
 TRAIN_TASKS = ["fam0", "fam1"]
 ATOL = 1e-5
 

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import BAD, GOOD, family_task
+from conftest import PAIRS, family_task
 from typer.testing import CliRunner
 
 from abmll.bayes import inject, prior
@@ -30,7 +30,6 @@ from abmll.scoring import Scorer
 from abmll.tasks.data import Episode, Example
 
 TOLERANCE = 0.20
-PAIRS = list(zip(GOOD, BAD, strict=True))
 
 
 def _count(model: torch.nn.Module) -> int:

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import BAD, GOOD, adapted_tiny, family_task, make_config
+from conftest import PAIRS, adapted_tiny, family_task, make_config
 from typer.testing import CliRunner
 
 import abmll.inner
@@ -22,7 +22,6 @@ from abmll.methods.abmll import ABMLL
 from abmll.models import check_quantization, eval_mode, load_model, tiny_llama
 from abmll.tasks.data import Episode
 
-PAIRS = list(zip(GOOD, BAD, strict=True))
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 GPU_QUANT = torch.cuda.is_available() and HAS_BNB
 NO_GPU_QUANT_REASON = "4-bit/8-bit base layers need a CUDA GPU and the bitsandbytes package (not both available here)"

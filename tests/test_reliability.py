@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BAD, GOOD, family_task
+from conftest import PAIRS, family_task
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -37,7 +37,6 @@ from abmll.methods.abmll import ABMLL
 from abmll.models import tiny_llama
 from abmll.tasks.readers import write_metaicl_task
 
-PAIRS = list(zip(GOOD, BAD, strict=True))
 TASKS = [f"fam{i}" for i in range(4)]
 STEPS = 10
 FAST = {

@@ -14,6 +14,7 @@ the training curves.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,10 +115,29 @@ def from_preset(
 Progress = Callable[[str, dict[str, Any]], None]
 
 
+def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLLConfig, out: Path) -> Path | None:
+    """The finished θ (``train/final``) of the same seed's cell of the method whose meta-training
+    ``method_name`` shares (:attr:`~abmll.methods.Method.meta_trained_as`), when that cell was trained with
+    exactly this config on these tasks; otherwise None and the method trains its own."""
+    source = METHODS[method_name].meta_trained_as
+    if source is None:
+        return None
+    train = out.parent.parent / source / out.name / "train"
+    try:
+        recorded = json.loads((train / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = recorded.get("config") == config.to_dict() and recorded.get("tasks") == comparison.train_tasks
+    return train / "final" if same and (train / "final").is_dir() else None
+
+
 def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, progress: Progress | None) -> Path:
-    """Meta-train (when the method learns across tasks) and evaluate one (method, seed) cell."""
+    """Meta-train (when the method learns across tasks) and evaluate one (method, seed) cell; its
+    ``results.json`` records the cell's wall-clock seconds (``wall_s``) in this sitting."""
+    from abmll.checkpoint import load_prior_into
     from abmll.models import DEFAULT_MODEL, load_model
 
+    start = time.perf_counter()
     overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
     config = comparison.config.override({**overrides, "seed": seed})
     model, tokenizer = load_model(comparison.model)
@@ -126,7 +146,11 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
     info = {"method": method_name, "model": model_name, "data": portable_path(comparison.data_dir)}
     if overrides:
         info["method_overrides"] = overrides
-    if method.meta_learns and config.meta.meta_steps > 0:
+    shared = shared_meta_training(comparison, method_name, config, out) if method.meta_learns else None
+    if shared is not None:  # e.g. abmll-icl scores with the θ of the abmll cell of this seed
+        load_prior_into(model, shared)
+        info["meta_trained_by"] = f"{shared.parent.parent.parent.name}/{out.name}"
+    elif method.meta_learns and config.meta.meta_steps > 0:
         tasks = [read_metaicl_task(comparison.data_dir, n, k=16384, seed=100) for n in comparison.train_tasks]
         meta_train_run(
             method,
@@ -144,7 +168,9 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
         if progress
         else None,
     )
-    write_results(out, predictions, {**info, "k": comparison.k, "seeds": [seed], "config": config.to_dict()})
+    wall_s = round(time.perf_counter() - start, 1)
+    cell = {**info, "k": comparison.k, "seeds": [seed], "config": config.to_dict(), "wall_s": wall_s}
+    write_results(out, predictions, cell)
     return out
 
 
@@ -157,8 +183,8 @@ def run_comparison(
 
 
 def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progress | None) -> dict[str, Any]:
+    earlier = _earlier_timings(out) if resume else {}
     (out / "results.json").unlink(missing_ok=True)
-    timings: dict[str, float] = {}
     for method_name in comparison.methods:
         for seed in comparison.seeds:
             cell = out / method_name / f"seed-{seed}"
@@ -166,10 +192,28 @@ def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progre
                 continue
             if not resume and cell.exists() and any(cell.iterdir()):
                 raise ConfigError(f"{cell} already holds results; pass --resume to keep them or choose another --out")
-            start = time.perf_counter()
             run_cell(comparison, method_name, seed, cell, progress)
-            timings[f"{method_name}/seed-{seed}"] = time.perf_counter() - start
-    return write_report(comparison, out, timings)
+    return write_report(comparison, out, _cell_timings(comparison, out, earlier))
+
+
+def _earlier_timings(out: Path) -> dict[str, float]:
+    """The cell times of the report a previous sitting wrote into ``out`` (for cells that predate ``wall_s``)."""
+    try:
+        return dict(json.loads((out / "results.json").read_text()).get("timings_s", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _cell_timings(comparison: Comparison, out: Path, earlier: dict[str, float]) -> dict[str, float]:
+    """Wall-clock seconds per cell: its own ``wall_s``, else the time an earlier report recorded for it."""
+    timings: dict[str, float] = {}
+    for method_name in comparison.methods:
+        for seed in comparison.seeds:
+            name = f"{method_name}/seed-{seed}"
+            recorded = json.loads((out / name / "results.json").read_text()).get("wall_s", earlier.get(name))
+            if recorded is not None:
+                timings[name] = recorded
+    return timings
 
 
 def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -> dict[str, Any]:
@@ -289,7 +333,15 @@ def _report_markdown(
         "",
     ]
     if timings:
-        lines += ["## Time per cell (this run)", "", "| cell | seconds |", "|---|---|"]
+        lines += [
+            "## Time per cell",
+            "",
+            "Wall-clock seconds of the sitting that finished each cell (a resumed meta-training counts only its "
+            "last sitting; a cell that reuses another cell's meta-training counts only its evaluation).",
+            "",
+            "| cell | seconds |",
+            "|---|---|",
+        ]
         lines += [f"| {cell} | {sec:.0f} |" for cell, sec in timings.items()] + [""]
     return "\n".join(lines)
 
@@ -312,8 +364,6 @@ def data_sources_markdown(data_dir: Path, tasks: list[str]) -> str:
     manifest_path = Path(data_dir) / "suite.json"
     if not manifest_path.is_file():
         return f"Tasks read from `{data_dir}`: {', '.join(tasks)}."
-    import json
-
     manifest = json.loads(manifest_path.read_text())
     entries = manifest.get("tasks", {})
     lines = ["| task | group | source | licence | split |", "|---|---|---|---|---|"]

@@ -33,6 +33,7 @@ class ABMLLICL(ABMLL):
     """ABMLL with in-context demonstrations at prediction time."""
 
     name = "abmll-icl"
+    meta_trained_as = "abmll"
 
     def adapt(self, support: Sequence[Example], seed: int) -> Demonstrated:
         return Demonstrated(super().adapt(support, seed), list(support))

@@ -43,6 +43,9 @@ class Method(ABC):
     #: gradients. :func:`abmll.methods.method_config` applies them where a config leaves the field at the
     #: library default; ``create_method`` leaves the config as given.
     default_overrides: ClassVar[dict[str, Any]] = {}
+    #: The method whose meta-training this one shares unchanged (same θ from the same config and seed), so a
+    #: comparison that already holds that method's cell loads its θ instead of training it again.
+    meta_trained_as: ClassVar[str | None] = None
     #: Meta-steps skipped for a non-finite loss or gradient (``meta.nonfinite = "skip"``).
     skipped_steps: int = 0
 
