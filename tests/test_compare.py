@@ -75,3 +75,5 @@ def test_cell_times_survive_resumed_sittings(tmp_path):
     assert second["timings_s"]["zero-shot/seed-100"] == recorded  # kept from the first sitting
     assert set(second["timings_s"]) == {"zero-shot/seed-100", "icl/seed-100"}
     assert "| icl/seed-100 |" in (out / "report.md").read_text()
+    third = run_comparison(tiny_comparison(tmp_path, ["icl"]), out, resume=True)  # a subset keeps the others
+    assert third["timings_s"] == second["timings_s"]

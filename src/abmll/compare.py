@@ -205,8 +205,9 @@ def _earlier_timings(out: Path) -> dict[str, float]:
 
 
 def _cell_timings(comparison: Comparison, out: Path, earlier: dict[str, float]) -> dict[str, float]:
-    """Wall-clock seconds per cell: its own ``wall_s``, else the time an earlier report recorded for it."""
-    timings: dict[str, float] = {}
+    """Wall-clock seconds per cell: its own ``wall_s``, else the time an earlier report recorded for it (kept,
+    too, for finished cells of methods this comparison leaves out)."""
+    timings = {name: sec for name, sec in earlier.items() if (out / name / "results.json").is_file()}
     for method_name in comparison.methods:
         for seed in comparison.seeds:
             name = f"{method_name}/seed-{seed}"
