@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import tiny_comparison
 
-from abmll.compare import _paired_markdown, paired_differences
+from abmll.compare import _paired_markdown, paired_differences, paired_mean_differences
 
 
 def _results(per_seed: dict[str, list[tuple[int, float, float]]]) -> dict:
@@ -30,8 +30,23 @@ def test_paired_differences_pair_by_seed_and_give_a_t_interval():
     assert acc["mean"] == pytest.approx(0.2 / 3)
     assert acc["n"] == 3 and acc["low"] < acc["mean"] < acc["high"]
     assert paired["lora"]["rte"]["ece"]["mean"] == pytest.approx((-0.10 - 0.05 - 0.10) / 3)
-    table = _paired_markdown(paired)
+    table = _paired_markdown(paired, paired_mean_differences(results))
     assert "| lora | rte | +0.067 [" in table
+
+
+def test_the_paired_mean_differences_the_macro_averages_seed_by_seed():
+    results = {
+        "lora": _results({"rte": [(100, 0.50, 0.20), (13, 0.60, 0.10)], "cb": [(100, 0.30, 0.30), (13, 0.40, 0.2)]}),
+        "abmll": _results({"rte": [(13, 0.70, 0.05), (100, 0.55, 0.10)], "cb": [(100, 0.40, 0.10), (13, 0.40, 0.2)]}),
+    }
+    mean = paired_mean_differences(results)["lora"]
+    # seed 100: ((0.55 - 0.50) + (0.40 - 0.30)) / 2 = 0.075; seed 13: ((0.70 - 0.60) + 0) / 2 = 0.05
+    assert mean["accuracy"]["per_seed"] == pytest.approx({100: 0.075, 13: 0.05})
+    assert mean["accuracy"]["mean"] == pytest.approx(0.0625) and mean["accuracy"]["n"] == 2
+    assert mean["ece"]["per_seed"] == pytest.approx({100: -0.15, 13: -0.025})
+    table = _paired_markdown(paired_differences(results), paired_mean_differences(results))
+    assert table.index("| lora | **mean** | +0.06") < table.index("| lora | rte |")
+    assert paired_mean_differences({"lora": results["lora"]}) == {}
 
 
 def test_no_paired_section_without_abmll():

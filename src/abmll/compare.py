@@ -241,9 +241,16 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         )
         logs[method_name] = sorted(out.glob(f"{method_name}/seed-*/train/log.jsonl"))
     training_curves(logs, out / "training-curves.png")
-    paired = paired_differences(results)
-    (out / "report.md").write_text(_report_markdown(comparison, results, timings, paired))
-    full = {**meta, "versions": versions(), "methods": results, "paired": paired, "timings_s": timings}
+    paired, paired_mean = paired_differences(results), paired_mean_differences(results)
+    (out / "report.md").write_text(_report_markdown(comparison, results, timings, paired, paired_mean))
+    full = {
+        **meta,
+        "versions": versions(),
+        "methods": results,
+        "paired": paired,
+        "paired_mean": paired_mean,
+        "timings_s": timings,
+    }
     write_json_atomic(out / "results.json", full)
     return full
 
@@ -270,11 +277,35 @@ def paired_differences(results: dict[str, dict[str, Any]], reference: str = "abm
     return out
 
 
-def _paired_markdown(paired: dict[str, Any], reference: str = "abmll") -> str:
+def paired_mean_differences(results: dict[str, dict[str, Any]], reference: str = "abmll") -> dict[str, Any]:
+    """Per baseline: ``reference`` minus the baseline of the macro-average over the tasks both have, seed by
+    seed (``per_seed``), with the mean and 95 % t-interval of those differences. Empty without ``reference``."""
+    if reference not in results:
+        return {}
+    ref = results[reference]["tasks"]
+    out: dict[str, Any] = {}
+    for baseline, res in results.items():
+        if baseline == reference:
+            continue
+        diffs: dict[str, dict[int, list[float]]] = {metric: {} for metric in PAIRED_METRICS}
+        for task, summary in res["tasks"].items():
+            mine = {r["seed"]: r for r in ref.get(task, {}).get("per_seed", [])}
+            for r in summary["per_seed"]:
+                for metric in PAIRED_METRICS:
+                    if r["seed"] in mine:
+                        diffs[metric].setdefault(r["seed"], []).append(mine[r["seed"]][metric] - r[metric])
+        for metric, by_seed in diffs.items():
+            per_seed = {seed: sum(d) / len(d) for seed, d in sorted(by_seed.items())}
+            if per_seed:
+                out.setdefault(baseline, {})[metric] = {**mean_interval(per_seed.values()), "per_seed": per_seed}
+    return out
+
+
+def _paired_markdown(paired: dict[str, Any], paired_mean: dict[str, Any], reference: str = "abmll") -> str:
     lines = [
-        f"{reference} minus each baseline, per task, on the same support sets (mean over seeds, with the 95 % "
-        "t-interval when there are several seeds). Positive accuracy and negative ECE favour "
-        f"{reference}.",
+        f"{reference} minus each baseline on the same support sets: the macro-average over tasks, then per task "
+        "(mean over seeds of the seed-by-seed differences, with the 95 % t-interval when there are several "
+        f"seeds). Positive accuracy and negative ECE favour {reference}.",
         "",
         "| baseline | task | Δ accuracy | Δ ECE % |",
         "|---|---|---|---|",
@@ -286,6 +317,10 @@ def _paired_markdown(paired: dict[str, Any], reference: str = "abmll") -> str:
             text += f" [{d['low'] * scale:+.{digits}f}, {d['high'] * scale:+.{digits}f}]"
         return text
 
+    for baseline, metrics in paired_mean.items():
+        lines.append(
+            f"| {baseline} | **mean** | {fmt(metrics['accuracy'], 1, 3)} | {fmt(metrics['ece'], 100, 1)} |"
+        )
     for baseline, tasks in paired.items():
         for task, metrics in tasks.items():
             lines.append(f"| {baseline} | {task} | {fmt(metrics['accuracy'], 1, 3)} | {fmt(metrics['ece'], 100, 1)} |")
@@ -293,7 +328,11 @@ def _paired_markdown(paired: dict[str, Any], reference: str = "abmll") -> str:
 
 
 def _report_markdown(
-    comparison: Comparison, results: dict[str, dict[str, Any]], timings: dict[str, float], paired: dict[str, Any]
+    comparison: Comparison,
+    results: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    paired: dict[str, Any],
+    paired_mean: dict[str, Any],
 ) -> str:
     model = comparison.model or "smollm2-135m"
     lines = [
@@ -320,7 +359,7 @@ def _report_markdown(
         "",
     ]
     if paired:
-        lines += ["## Paired differences", "", _paired_markdown(paired), ""]
+        lines += ["## Paired differences", "", _paired_markdown(paired, paired_mean), ""]
     for name, res in results.items():
         lines += [f"## {name}", "", results_markdown(res), f"![reliability](reliability-{name}.png)", ""]
     lines += [
