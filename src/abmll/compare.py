@@ -168,7 +168,7 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
         if progress
         else None,
     )
-    wall_s = round(time.perf_counter() - start, 1)
+    wall_s = round(time.perf_counter() - start, 3)
     cell = {**info, "k": comparison.k, "seeds": [seed], "config": config.to_dict(), "wall_s": wall_s}
     write_results(out, predictions, cell)
     return out
