@@ -58,7 +58,7 @@ def _probabilities(folder) -> list[float]:
     return [p for row in rows for p in row["probs"]]
 
 
-def test_abmll_icl_reuses_the_abmll_cell_and_predicts_as_if_it_had_trained_itself(tmp_path):
+def test_abmll_icl_reuses_the_abmll_cell_and_predicts_as_if_it_had_trained_itself(tmp_path, caplog):
     from abmll.compare import run_comparison, shared_meta_training
 
     both = tmp_path / "both"
@@ -77,6 +77,13 @@ def test_abmll_icl_reuses_the_abmll_cell_and_predicts_as_if_it_had_trained_itsel
     other = comparison.config.override({"seed": 100, "objective.beta": 0.5})  # not how the abmll cell was trained
     assert shared_meta_training(comparison, "abmll-icl", other, cell) is None
     assert shared_meta_training(comparison, "lora", other, cell) is None  # lora shares no one's training
+    same = comparison.config.override({"seed": 100})
+    assert shared_meta_training(comparison, "abmll-icl", same, cell) == both / "abmll" / "seed-100" / "train" / "final"
+    config_file = both / "abmll" / "seed-100" / "train" / "final" / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace("abmll", "abmlx"))  # altered after training
+    with caplog.at_level("WARNING", logger="abmll.compare"):
+        assert shared_meta_training(comparison, "abmll-icl", same, cell) is None
+    assert "checksum mismatch" in caplog.text and "abmll-icl meta-trains its own" in caplog.text
 
 
 def test_cell_times_survive_resumed_sittings(tmp_path):

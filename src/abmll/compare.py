@@ -15,6 +15,7 @@ the training curves.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from abmll.assets import portable_path
-from abmll.checkpoint import versions, write_json_atomic
+from abmll.checkpoint import verify_checkpoint, versions, write_json_atomic
 from abmll.config import ABMLLConfig
-from abmll.errors import ConfigError
+from abmll.errors import CheckpointError, ConfigError
 from abmll.evaluation import evaluate, load_episodes, read_predictions, results_markdown, write_results
 from abmll.methods import METHODS, create_method, method_overrides
 from abmll.metrics import mean_interval
@@ -32,6 +33,8 @@ from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run, run_lock
 from abmll.scoring import Scorer
 from abmll.tasks.readers import read_metaicl_task, read_setting
+
+logger = logging.getLogger("abmll.compare")
 
 #: Budgets of the presets: config overrides shared by every method, and the evaluation protocol.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -128,7 +131,14 @@ def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLL
     except (OSError, ValueError):
         return None
     same = recorded.get("config") == config.to_dict() and recorded.get("tasks") == comparison.train_tasks
-    return train / "final" if same and (train / "final").is_dir() else None
+    if not same or not (train / "final").is_dir():
+        return None
+    try:
+        verify_checkpoint(train / "final")
+    except CheckpointError as exc:
+        logger.warning("%s: not shared (%s); %s meta-trains its own θ", train / "final", exc, method_name)
+        return None
+    return train / "final"
 
 
 def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, progress: Progress | None) -> Path:
