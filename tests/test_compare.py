@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_comparison
 
 from abmll.compare import _paired_markdown, paired_differences, paired_mean_differences
+from abmll.methods.icl import SEPARATOR
 
 
 def _results(per_seed: dict[str, list[tuple[int, float, float]]]) -> dict:
@@ -99,3 +100,24 @@ def test_cell_times_survive_resumed_sittings(tmp_path):
     assert "| icl/seed-100 |" in (out / "report.md").read_text()
     third = run_comparison(tiny_comparison(tmp_path, ["icl"]), out, resume=True)  # a subset keeps the others
     assert third["timings_s"] == second["timings_s"]
+
+
+def test_the_report_counts_the_demonstrations_that_fit(tmp_path):
+    from abmll.compare import demonstrations_kept, run_comparison
+    from abmll.evaluation import load_episodes
+    from abmll.methods.icl import demonstrate
+    from abmll.models import tiny_llama
+    from abmll.scoring import Scorer
+
+    comparison = tiny_comparison(tmp_path, ["zero-shot", "icl"])
+    results = run_comparison(comparison, tmp_path / "out")
+    (episode,) = load_episodes(comparison.data_dir, ["unseen"], 4, [100], 8)["unseen"]
+    scorer = Scorer(tiny_llama()[1], comparison.config.scoring)
+    prompts = demonstrate(episode.support, episode.query, scorer)
+    counts = [p.input.count(SEPARATOR) for p in prompts]  # one separator before the query per demonstration
+    assert results["demonstrations"]["unseen"] == {"mean": sum(counts) / 8, "min": min(counts), "max": max(counts)}
+    assert "## Demonstrations in the prompt" in (tmp_path / "out" / "report.md").read_text()
+    short = tiny_comparison(tmp_path, ["icl"])
+    short.config = short.config.override({"scoring.max_length": 8})  # room for the query alone, if that
+    assert demonstrations_kept(short)["unseen"] == {"mean": 0, "min": 0, "max": 0}
+    assert run_comparison(tiny_comparison(tmp_path, ["zero-shot"]), tmp_path / "zs")["demonstrations"] == {}

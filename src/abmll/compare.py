@@ -227,6 +227,25 @@ def _cell_timings(comparison: Comparison, out: Path, earlier: dict[str, float]) 
     return timings
 
 
+def demonstrations_kept(comparison: Comparison) -> dict[str, dict[str, float]]:
+    """Per test task: how many of the k support examples fit as demonstrations before each query example in
+    ``scoring.max_length`` tokens (:func:`abmll.methods.icl.fit_demonstrations`), mean, min and max over the
+    query examples of every seed."""
+    from abmll.methods.icl import fit_demonstrations
+    from abmll.models import load_model
+
+    _, tokenizer = load_model(comparison.model)
+    scorer = Scorer(tokenizer, comparison.config.scoring)
+    episodes = load_episodes(
+        comparison.data_dir, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
+    )
+    kept: dict[str, dict[str, float]] = {}
+    for task, task_episodes in episodes.items():
+        counts = [fit_demonstrations(ep.support, ex, scorer)[1] for ep in task_episodes for ex in ep.query]
+        kept[task] = {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)}
+    return kept
+
+
 def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -> dict[str, Any]:
     """Pool each method's cells into ``{method}/results.json``, draw the figures, write ``report.md`` and,
     last, ``results.json``."""
@@ -252,13 +271,17 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         logs[method_name] = sorted(out.glob(f"{method_name}/seed-*/train/log.jsonl"))
     training_curves(logs, out / "training-curves.png")
     paired, paired_mean = paired_differences(results), paired_mean_differences(results)
-    (out / "report.md").write_text(_report_markdown(comparison, results, timings, paired, paired_mean))
+    demonstrations = demonstrations_kept(comparison) if any(METHODS[m].demonstrates for m in results) else {}
+    (out / "report.md").write_text(
+        _report_markdown(comparison, results, timings, paired, paired_mean, demonstrations)
+    )
     full = {
         **meta,
         "versions": versions(),
         "methods": results,
         "paired": paired,
         "paired_mean": paired_mean,
+        "demonstrations": demonstrations,
         "timings_s": timings,
     }
     write_json_atomic(out / "results.json", full)
@@ -343,6 +366,7 @@ def _report_markdown(
     timings: dict[str, float],
     paired: dict[str, Any],
     paired_mean: dict[str, Any],
+    demonstrations: dict[str, dict[str, float]],
 ) -> str:
     model = comparison.model or "smollm2-135m"
     lines = [
@@ -368,6 +392,20 @@ def _report_markdown(
         "correctness) tell skill from a learned label prior; they are in each method's table below.",
         "",
     ]
+    if demonstrations:
+        users = ", ".join(f"`{m}`" for m in results if METHODS[m].demonstrates)
+        lines += [
+            "## Demonstrations in the prompt",
+            "",
+            f"{users} put the {comparison.k} support examples before each query example, dropping the oldest "
+            f"until the prompt fits in scoring.max_length = {comparison.config.scoring.max_length} tokens. "
+            "Demonstrations kept per query example (over every seed's query set):",
+            "",
+            "| task | mean | min | max |",
+            "|---|---|---|---|",
+            *[f"| {t} | {d['mean']:.1f} | {d['min']} | {d['max']} |" for t, d in demonstrations.items()],
+            "",
+        ]
     if paired:
         lines += ["## Paired differences", "", _paired_markdown(paired, paired_mean), ""]
     for name, res in results.items():

@@ -34,6 +34,7 @@ class ABMLLICL(ABMLL):
 
     name = "abmll-icl"
     meta_trained_as = "abmll"
+    demonstrates = True
 
     def adapt(self, support: Sequence[Example], seed: int) -> Demonstrated:
         return Demonstrated(super().adapt(support, seed), list(support))

@@ -46,6 +46,9 @@ class Method(ABC):
     #: The method whose meta-training this one shares unchanged (same θ from the same config and seed), so a
     #: comparison that already holds that method's cell loads its θ instead of training it again.
     meta_trained_as: ClassVar[str | None] = None
+    #: True for methods that put the support set in the prompt (:mod:`abmll.methods.icl`); the comparison
+    #: report then says how many demonstrations fit in ``scoring.max_length``.
+    demonstrates: ClassVar[bool] = False
     #: Meta-steps skipped for a non-finite loss or gradient (``meta.nonfinite = "skip"``).
     skipped_steps: int = 0
 

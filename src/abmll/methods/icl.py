@@ -47,15 +47,20 @@ def scored_length(example: Example, scorer) -> int:
     return len(context) + longest
 
 
-def with_demonstrations(support: Sequence[Example], example: Example, scorer) -> Example:
+def fit_demonstrations(support: Sequence[Example], example: Example, scorer) -> tuple[Example, int]:
     """``example`` with the support examples as demonstrations before its input, the oldest dropped first
-    until the prompt fits in ``scoring.max_length``."""
+    until the prompt fits in ``scoring.max_length``; and how many demonstrations it kept."""
     demos = [demonstration(s, scorer) for s in support]
     for start in range(len(demos) + 1):
         candidate = Example(SEPARATOR.join([*demos[start:], example.input]), example.options, example.gold, example.id)
         if scored_length(candidate, scorer) <= scorer.config.max_length:
-            return candidate
-    return candidate  # not even the query alone fits: the scorer cuts it from the left
+            return candidate, len(demos) - start
+    return candidate, 0  # not even the query alone fits: the scorer cuts it from the left
+
+
+def with_demonstrations(support: Sequence[Example], example: Example, scorer) -> Example:
+    """``example`` with as many support examples as fit before it, newest kept (:func:`fit_demonstrations`)."""
+    return fit_demonstrations(support, example, scorer)[0]
 
 
 def demonstrate(support: Sequence[Example], query: Sequence[Example], scorer) -> list[Example]:
@@ -67,6 +72,7 @@ class ICL(ZeroShot):
     """In-context learning: the base model, no adapter, the support set in the prompt."""
 
     name = "icl"
+    demonstrates = True
 
     def adapt(self, support: Sequence[Example], seed: int) -> list[Example]:
         return list(support)
