@@ -42,9 +42,10 @@ def test_the_paired_mean_differences_the_macro_averages_seed_by_seed():
     }
     mean = paired_mean_differences(results)["lora"]
     # seed 100: ((0.55 - 0.50) + (0.40 - 0.30)) / 2 = 0.075; seed 13: ((0.70 - 0.60) + 0) / 2 = 0.05
-    assert mean["accuracy"]["per_seed"] == pytest.approx({100: 0.075, 13: 0.05})
+    by_seed = {r["seed"]: r["difference"] for r in mean["accuracy"]["per_seed"]}
+    assert by_seed == pytest.approx({100: 0.075, 13: 0.05})
     assert mean["accuracy"]["mean"] == pytest.approx(0.0625) and mean["accuracy"]["n"] == 2
-    assert mean["ece"]["per_seed"] == pytest.approx({100: -0.15, 13: -0.025})
+    assert {r["seed"]: r["difference"] for r in mean["ece"]["per_seed"]} == pytest.approx({100: -0.15, 13: -0.025})
     table = _paired_markdown(paired_differences(results), paired_mean_differences(results))
     assert table.index("| lora | **mean** | +0.06") < table.index("| lora | rte |")
     assert paired_mean_differences({"lora": results["lora"]}) == {}
@@ -75,11 +76,20 @@ def test_abmll_icl_reuses_the_abmll_cell_and_predicts_as_if_it_had_trained_itsel
     assert _probabilities(cell) == pytest.approx(_probabilities(alone / "abmll-icl" / "seed-100"), abs=1e-6)
 
     comparison = tiny_comparison(tmp_path, ["abmll-icl"])
-    other = comparison.config.override({"seed": 100, "objective.beta": 0.5})  # not how the abmll cell was trained
-    assert shared_meta_training(comparison, "abmll-icl", other, cell) is None
-    assert shared_meta_training(comparison, "lora", other, cell) is None  # lora shares no one's training
     same = comparison.config.override({"seed": 100})
     assert shared_meta_training(comparison, "abmll-icl", same, cell) == both / "abmll" / "seed-100" / "train" / "final"
+    assert shared_meta_training(comparison, "lora", same, cell) is None  # lora shares no one's training
+    other = comparison.config.override({"seed": 100, "objective.beta": 0.5})  # not how the abmll cell was trained
+    with caplog.at_level("WARNING", logger="abmll.compare"):
+        assert shared_meta_training(comparison, "abmll-icl", other, cell) is None
+        assert shared_meta_training(comparison, "abmll-icl", same.override({"meta.meta_steps": 3}), cell) is None
+        comparison.train_tasks = ["fam0"]
+        assert shared_meta_training(comparison, "abmll-icl", same, cell) is None
+        comparison.train_tasks, comparison.model = ["fam0", "fam1"], str(tmp_path / "another")
+        assert shared_meta_training(comparison, "abmll-icl", same, cell) is None
+    assert "differ" in caplog.text and all(w in caplog.text for w in ("config", "steps", "tasks", "model"))
+    comparison.model = str(tmp_path / "tiny")
+    caplog.clear()
     config_file = both / "abmll" / "seed-100" / "train" / "final" / "adapter_config.json"
     config_file.write_text(config_file.read_text().replace("abmll", "abmlx"))  # altered after training
     with caplog.at_level("WARNING", logger="abmll.compare"):
@@ -100,6 +110,11 @@ def test_cell_times_survive_resumed_sittings(tmp_path):
     assert "| icl/seed-100 |" in (out / "report.md").read_text()
     third = run_comparison(tiny_comparison(tmp_path, ["icl"]), out, resume=True)  # a subset keeps the others
     assert third["timings_s"] == second["timings_s"]
+    cell = out / "zero-shot" / "seed-100" / "results.json"  # a cell from before cells recorded their time
+    cell.write_text(json.dumps({k: v for k, v in json.loads(cell.read_text()).items() if k != "wall_s"}))
+    fourth = run_comparison(tiny_comparison(tmp_path, ["zero-shot", "icl"]), out, resume=True)
+    assert fourth["timings_s"] == second["timings_s"]  # from the previous report
+    assert not (out / ".previous-results.json").exists()
 
 
 def test_the_report_counts_the_demonstrations_that_fit(tmp_path):

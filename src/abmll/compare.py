@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from abmll.assets import portable_path
-from abmll.checkpoint import verify_checkpoint, versions, write_json_atomic
+from abmll.checkpoint import load_checkpoint, versions, write_json_atomic
 from abmll.config import ABMLLConfig
-from abmll.errors import CheckpointError, ConfigError
+from abmll.errors import AbmllError, CheckpointError, ConfigError
 from abmll.evaluation import evaluate, load_episodes, read_predictions, results_markdown, write_results
 from abmll.methods import METHODS, create_method, method_overrides
 from abmll.metrics import mean_interval
+from abmll.models import DEFAULT_MODEL
 from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run, run_lock
 from abmll.scoring import Scorer
@@ -120,32 +121,45 @@ Progress = Callable[[str, dict[str, Any]], None]
 
 def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLLConfig, out: Path) -> Path | None:
     """The finished θ (``train/final``) of the same seed's cell of the method whose meta-training
-    ``method_name`` shares (:attr:`~abmll.methods.Method.meta_trained_as`), when that cell was trained with
-    exactly this config on these tasks; otherwise None and the method trains its own."""
+    ``method_name`` shares (:attr:`~abmll.methods.Method.meta_trained_as`), when that checkpoint verifies and
+    records exactly this config, model, data and tasks with every meta-step done; otherwise None (with a
+    warning when a checkpoint is there but does not qualify), and the method trains its own."""
     source = METHODS[method_name].meta_trained_as
-    if source is None:
-        return None
-    train = out.parent.parent / source / out.name / "train"
-    try:
-        recorded = json.loads((train / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    same = recorded.get("config") == config.to_dict() and recorded.get("tasks") == comparison.train_tasks
-    if not same or not (train / "final").is_dir():
+    final = out.parent.parent / source / out.name / "train" / "final" if source else None
+    if final is None or not final.is_dir():
         return None
     try:
-        verify_checkpoint(train / "final")
+        ckpt = load_checkpoint(final, trainer=True)
     except CheckpointError as exc:
-        logger.warning("%s: not shared (%s); %s meta-trains its own θ", train / "final", exc, method_name)
+        logger.warning("%s: not shared (%s); %s meta-trains its own θ", final, exc, method_name)
         return None
-    return train / "final"
+    sampler = ckpt["trainer_values"].get("sampler", {})
+    recorded = {
+        "config": ckpt["config"].to_dict(),
+        "model": ckpt["info"].get("model"),
+        "data": ckpt["info"].get("data"),
+        "tasks": sampler.get("tasks"),
+        "steps": sampler.get("position"),
+    }
+    wanted = {
+        "config": config.to_dict(),
+        "model": comparison.model or DEFAULT_MODEL,
+        "data": portable_path(comparison.data_dir),
+        "tasks": list(comparison.train_tasks),
+        "steps": config.meta.meta_steps,
+    }
+    differ = sorted(key for key in wanted if recorded[key] != wanted[key])
+    if differ:
+        logger.warning("%s: not shared (its %s differ); %s meta-trains its own θ", final, differ, method_name)
+        return None
+    return final
 
 
 def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, progress: Progress | None) -> Path:
     """Meta-train (when the method learns across tasks) and evaluate one (method, seed) cell; its
     ``results.json`` records the cell's wall-clock seconds (``wall_s``) in this sitting."""
     from abmll.checkpoint import load_prior_into
-    from abmll.models import DEFAULT_MODEL, load_model
+    from abmll.models import load_model
 
     start = time.perf_counter()
     overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
@@ -158,9 +172,13 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
         info["method_overrides"] = overrides
     shared = shared_meta_training(comparison, method_name, config, out) if method.meta_learns else None
     if shared is not None:  # e.g. abmll-icl scores with the θ of the abmll cell of this seed
-        load_prior_into(model, shared)
-        info["meta_trained_by"] = f"{shared.parent.parent.parent.name}/{out.name}"
-    elif method.meta_learns and config.meta.meta_steps > 0:
+        try:
+            load_prior_into(model, shared)
+            info["meta_trained_by"] = f"{shared.parent.parent.parent.name}/{out.name}"
+        except CheckpointError as exc:  # e.g. other adapted modules: train as if it were not there
+            logger.warning("%s: not shared (%s); %s meta-trains its own θ", shared, exc, method_name)
+            shared = None
+    if shared is None and method.meta_learns and config.meta.meta_steps > 0:
         tasks = [read_metaicl_task(comparison.data_dir, n, k=16384, seed=100) for n in comparison.train_tasks]
         meta_train_run(
             method,
@@ -192,10 +210,16 @@ def run_comparison(
         return _run_cells(comparison, out, resume, progress)
 
 
+PREVIOUS_REPORT = ".previous-results.json"
+
+
 def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progress | None) -> dict[str, Any]:
+    if (out / "results.json").is_file():  # set aside (not deleted) until the new report is written
+        (out / "results.json").replace(out / PREVIOUS_REPORT)
     earlier = _earlier_timings(out) if resume else {}
-    (out / "results.json").unlink(missing_ok=True)
-    for method_name in comparison.methods:
+    # methods that share another's meta-training (abmll-icl) run after it, whatever the order asked for
+    order = sorted(comparison.methods, key=lambda m: METHODS[m].meta_trained_as in comparison.methods)
+    for method_name in order:
         for seed in comparison.seeds:
             cell = out / method_name / f"seed-{seed}"
             if resume and (cell / "results.json").is_file():
@@ -203,28 +227,43 @@ def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progre
             if not resume and cell.exists() and any(cell.iterdir()):
                 raise ConfigError(f"{cell} already holds results; pass --resume to keep them or choose another --out")
             run_cell(comparison, method_name, seed, cell, progress)
-    return write_report(comparison, out, _cell_timings(comparison, out, earlier))
+    report = write_report(comparison, out, _cell_timings(comparison, out, earlier))
+    (out / PREVIOUS_REPORT).unlink(missing_ok=True)
+    return report
 
 
 def _earlier_timings(out: Path) -> dict[str, float]:
     """The cell times of the report a previous sitting wrote into ``out`` (for cells that predate ``wall_s``)."""
     try:
-        return dict(json.loads((out / "results.json").read_text()).get("timings_s", {}))
+        timings = json.loads((out / PREVIOUS_REPORT).read_text()).get("timings_s", {})
+        return {str(k): float(v) for k, v in timings.items()}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
 
 
 def _cell_timings(comparison: Comparison, out: Path, earlier: dict[str, float]) -> dict[str, float]:
-    """Wall-clock seconds per cell: its own ``wall_s``, else the time an earlier report recorded for it (kept,
-    too, for finished cells of methods this comparison leaves out)."""
-    timings = {name: sec for name, sec in earlier.items() if (out / name / "results.json").is_file()}
-    for method_name in comparison.methods:
-        for seed in comparison.seeds:
-            name = f"{method_name}/seed-{seed}"
-            recorded = json.loads((out / name / "results.json").read_text()).get("wall_s", earlier.get(name))
-            if recorded is not None:
-                timings[name] = recorded
+    """Wall-clock seconds of every finished cell in ``out`` (also of methods this comparison leaves out): its
+    own ``wall_s``, else the time an earlier report recorded for it; in the order of the methods."""
+    timings: dict[str, float] = {}
+    for path in sorted(out.glob("*/seed-*/results.json"), key=lambda p: _cell_order(comparison, p)):
+        name = f"{path.parent.parent.name}/{path.parent.name}"
+        try:
+            recorded = json.loads(path.read_text()).get("wall_s", earlier.get(name))
+        except (OSError, ValueError, AttributeError):
+            recorded = earlier.get(name)
+        if isinstance(recorded, (int, float)):
+            timings[name] = recorded
     return timings
+
+
+def _cell_order(comparison: Comparison, path: Path) -> tuple[int, int, str]:
+    method, seed = path.parent.parent.name, path.parent.name.removeprefix("seed-")
+    methods, seeds = comparison.methods, [str(s) for s in comparison.seeds]
+    return (
+        methods.index(method) if method in methods else len(methods),
+        seeds.index(seed) if seed in seeds else len(seeds),
+        str(path),
+    )
 
 
 def demonstrations_kept(comparison: Comparison) -> dict[str, dict[str, float]]:
@@ -232,10 +271,9 @@ def demonstrations_kept(comparison: Comparison) -> dict[str, dict[str, float]]:
     ``scoring.max_length`` tokens (:func:`abmll.methods.icl.fit_demonstrations`), mean, min and max over the
     query examples of every seed."""
     from abmll.methods.icl import fit_demonstrations
-    from abmll.models import load_model
+    from abmll.models import load_tokenizer
 
-    _, tokenizer = load_model(comparison.model)
-    scorer = Scorer(tokenizer, comparison.config.scoring)
+    scorer = Scorer(load_tokenizer(comparison.model), comparison.config.scoring)
     episodes = load_episodes(
         comparison.data_dir, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
     )
@@ -271,7 +309,12 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         logs[method_name] = sorted(out.glob(f"{method_name}/seed-*/train/log.jsonl"))
     training_curves(logs, out / "training-curves.png")
     paired, paired_mean = paired_differences(results), paired_mean_differences(results)
-    demonstrations = demonstrations_kept(comparison) if any(METHODS[m].demonstrates for m in results) else {}
+    demonstrations: dict[str, dict[str, float]] = {}
+    if any(METHODS[m].demonstrates for m in results):
+        try:
+            demonstrations = demonstrations_kept(comparison)
+        except AbmllError as exc:  # a diagnostic: never lose the report for it
+            logger.warning("demonstrations per prompt not counted: %s", exc)
     (out / "report.md").write_text(
         _report_markdown(comparison, results, timings, paired, paired_mean, demonstrations)
     )
@@ -328,9 +371,10 @@ def paired_mean_differences(results: dict[str, dict[str, Any]], reference: str =
                     if r["seed"] in mine:
                         diffs[metric].setdefault(r["seed"], []).append(mine[r["seed"]][metric] - r[metric])
         for metric, by_seed in diffs.items():
-            per_seed = {seed: sum(d) / len(d) for seed, d in sorted(by_seed.items())}
+            per_seed = [{"seed": seed, "difference": sum(d) / len(d)} for seed, d in by_seed.items()]
             if per_seed:
-                out.setdefault(baseline, {})[metric] = {**mean_interval(per_seed.values()), "per_seed": per_seed}
+                interval = mean_interval(r["difference"] for r in per_seed)
+                out.setdefault(baseline, {})[metric] = {**interval, "per_seed": per_seed}
     return out
 
 
@@ -424,8 +468,9 @@ def _report_markdown(
         lines += [
             "## Time per cell",
             "",
-            "Wall-clock seconds of the sitting that finished each cell (a resumed meta-training counts only its "
-            "last sitting; a cell that reuses another cell's meta-training counts only its evaluation).",
+            "Wall-clock seconds of the sitting that finished each cell, for every finished cell in this folder "
+            "(a resumed meta-training counts only its last sitting; a cell that reuses another cell's "
+            "meta-training counts only its evaluation).",
             "",
             "| cell | seconds |",
             "|---|---|",

@@ -25,6 +25,7 @@ __all__ = [
     "enable_gradient_checkpointing",
     "eval_mode",
     "load_model",
+    "load_tokenizer",
     "prepare_model",
     "tiny_llama",
     "tiny_tokenizer",
@@ -57,6 +58,51 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def _source(name_or_path: str | os.PathLike[str] | None) -> tuple[str, str | Path, dict[str, Any], str]:
+    """``(name, source, tokenizer kwargs, description)`` of a model argument of :func:`load_model`; raises
+    :class:`ModelError` for a path that is not a model."""
+    name = DEFAULT_MODEL if name_or_path is None else os.fspath(name_or_path)
+
+    if name.lower() in _DEFAULT_ALIASES:
+        from abmll.assets import smollm2_folder
+
+        source: str | Path = smollm2_folder()  # AssetError (with download instructions) propagates
+        tok_kwargs: dict[str, Any] = {}
+        what = f"the embedded default model {DEFAULT_MODEL!r} (converted folder {source})"
+    else:
+        path = Path(name).expanduser()
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelError(
+                    f"cannot load model {name!r}: it is a file but not a .gguf file; expected a folder with "
+                    "config.json, a .gguf file, or a Hub id"
+                )
+            source = path.parent
+            tok_kwargs = {"gguf_file": path.name}
+            what = f"GGUF file {path}"
+        elif path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if (path / "config.json").is_file():
+                source, tok_kwargs, what = path, {}, f"local folder {path}"
+            elif len(ggufs) == 1:
+                source, tok_kwargs, what = path, {"gguf_file": ggufs[0].name}, f"GGUF file {ggufs[0]}"
+            else:
+                raise ModelError(
+                    f"cannot load model {name!r}: the folder {path} has no config.json"
+                    + (f" and {len(ggufs)} .gguf files (pass one of them)" if ggufs else "")
+                    + "; expected a folder written by save_pretrained, a .gguf file, or a Hub id"
+                )
+        elif _looks_like_path(name):
+            raise ModelError(
+                f"cannot load model {name!r}: no such file or folder; expected a folder with config.json, "
+                f"a .gguf file, a Hub id, or {DEFAULT_MODEL!r}"
+            )
+        else:
+            source, tok_kwargs, what = name, {}, f"Hub id {name!r}"
+
+    return name, source, tok_kwargs, what
+
+
 def load_model(
     name_or_path: str | os.PathLike[str] | None = None,
     dtype: torch.dtype | str = torch.float32,
@@ -85,47 +131,8 @@ def load_model(
         kwargs["device_map"] = {"": torch.device(device)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    name = DEFAULT_MODEL if name_or_path is None else os.fspath(name_or_path)
-
-    if name.lower() in _DEFAULT_ALIASES:
-        from abmll.assets import smollm2_folder
-
-        source: str | Path = smollm2_folder()  # AssetError (with download instructions) propagates
-        tok_kwargs: dict[str, Any] = {}
-        what = f"the embedded default model {DEFAULT_MODEL!r} (converted folder {source})"
-    else:
-        path = Path(name).expanduser()
-        if path.is_file():
-            if path.suffix.lower() != ".gguf":
-                raise ModelError(
-                    f"cannot load model {name!r}: it is a file but not a .gguf file; expected a folder with "
-                    "config.json, a .gguf file, or a Hub id"
-                )
-            source = path.parent
-            tok_kwargs = {"gguf_file": path.name}
-            kwargs["gguf_file"] = path.name
-            what = f"GGUF file {path}"
-        elif path.is_dir():
-            ggufs = sorted(path.glob("*.gguf"))
-            if (path / "config.json").is_file():
-                source, tok_kwargs, what = path, {}, f"local folder {path}"
-            elif len(ggufs) == 1:
-                source, tok_kwargs, what = path, {"gguf_file": ggufs[0].name}, f"GGUF file {ggufs[0]}"
-                kwargs["gguf_file"] = ggufs[0].name
-            else:
-                raise ModelError(
-                    f"cannot load model {name!r}: the folder {path} has no config.json"
-                    + (f" and {len(ggufs)} .gguf files (pass one of them)" if ggufs else "")
-                    + "; expected a folder written by save_pretrained, a .gguf file, or a Hub id"
-                )
-        elif _looks_like_path(name):
-            raise ModelError(
-                f"cannot load model {name!r}: no such file or folder; expected a folder with config.json, "
-                f"a .gguf file, a Hub id, or {DEFAULT_MODEL!r}"
-            )
-        else:
-            source, tok_kwargs, what = name, {}, f"Hub id {name!r}"
-
+    name, source, tok_kwargs, what = _source(name_or_path)
+    kwargs.update(tok_kwargs)  # a GGUF file names itself to the model and to the tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
@@ -140,6 +147,20 @@ def load_model(
             f"cannot load model {name!r} from {what}{hint}: {type(exc).__name__}: {exc}"
         ) from exc
     return _finish(model, tokenizer)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
+    """The tokenizer of a model argument of :func:`load_model` (without its weights), with a pad token."""
+    from transformers import AutoTokenizer
+
+    name, source, tok_kwargs, what = _source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
+    except Exception as exc:
+        raise ModelError(f"cannot load the tokenizer of {name!r} from {what}: {type(exc).__name__}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------

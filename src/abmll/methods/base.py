@@ -43,8 +43,10 @@ class Method(ABC):
     #: gradients. :func:`abmll.methods.method_config` applies them where a config leaves the field at the
     #: library default; ``create_method`` leaves the config as given.
     default_overrides: ClassVar[dict[str, Any]] = {}
-    #: The method whose meta-training this one shares unchanged (same θ from the same config and seed), so a
-    #: comparison that already holds that method's cell loads its θ instead of training it again.
+    #: The method whose meta-training this one shares unchanged (same θ from the same config and seed). A
+    #: comparison loads the θ of that method's cell of the same seed (``OUT/{method}/seed-S/train/final``)
+    #: instead of training again, when the checkpoint verifies and records the same config, model, data, tasks
+    #: and number of meta-steps (:func:`abmll.compare.shared_meta_training`). Subclasses inherit it.
     meta_trained_as: ClassVar[str | None] = None
     #: True for methods that put the support set in the prompt (:mod:`abmll.methods.icl`); the comparison
     #: report then says how many demonstrations fit in ``scoring.max_length``.
