@@ -7,9 +7,15 @@ cell's ``train/config.json`` info, the method's ``results.json`` (``method_overr
 One cell per (method, seed): meta-train with that seed (methods that learn across tasks), then adapt to every
 test task from its k-shot support set drawn with that seed and score the query set. Cells are written to
 ``OUT/{method}/seed-{seed}/`` (checkpoint under ``train/final``, ``predictions.jsonl``, ``results.json``
-written last), so ``resume`` skips the finished ones. The report pools each method's cells:
-``OUT/report.md``, ``OUT/results.json``, ``OUT/{method}/results.json``, a reliability diagram per method and
-the training curves.
+written last, with the cell's wall time ``wall_s``), so ``resume`` skips the finished ones and a comparison
+can grow over several sittings. A method that shares another's meta-training (``abmll-icl``: ``abmll``'s)
+loads that cell's θ when it qualifies (:func:`shared_meta_training`).
+
+The report pools each method's cells: ``OUT/report.md``, ``OUT/{method}/results.json``, a reliability
+diagram per method, the training curves and, last, ``OUT/results.json`` with ``methods`` (each method's
+results), ``paired`` (ABMLL minus each baseline per task), ``paired_mean`` (the same for the macro-average),
+``demonstrations`` (how many support examples fit in the prompt, for methods that use them) and
+``timings_s`` (seconds per cell).
 """
 
 from __future__ import annotations
