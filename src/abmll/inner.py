@@ -120,15 +120,20 @@ def adapt(
         )
         if losses is not None:
             losses.append(value)
-        if create_graph:
-            phi = {n: (p if g is None else p - lr * g) for (n, p), g in zip(phi.items(), grads, strict=True)}
-        else:
-            with torch.no_grad():
-                phi = {
-                    n: (p if g is None else p - lr * g).detach().requires_grad_(True)
-                    for (n, p), g in zip(phi.items(), grads, strict=True)
-                }
+        phi = sgd_step(phi, grads, lr, create_graph)
     return phi
+
+
+def sgd_step(phi: Factors, grads: Sequence[torch.Tensor | None], lr: float, create_graph: bool) -> Factors:
+    """One inner step φ ← φ − α ∇ (eq. 6); with ``create_graph`` the step stays in the graph (second order),
+    else φ is detached and a fresh leaf. Factors with no gradient are kept as they are."""
+    if create_graph:
+        return {n: (p if g is None else p - lr * g) for (n, p), g in zip(phi.items(), grads, strict=True)}
+    with torch.no_grad():
+        return {
+            n: (p if g is None else p - lr * g).detach().requires_grad_(True)
+            for (n, p), g in zip(phi.items(), grads, strict=True)
+        }
 
 
 def straight_through(phi: Factors, theta: Factors) -> Factors:

@@ -38,9 +38,14 @@ DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct", "smollm2"}
 
 
-def _finish(model: Any, tokenizer: Any) -> tuple[Any, Any]:
+def _with_pad_token(tokenizer: Any) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _finish(model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    tokenizer = _with_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
@@ -158,9 +163,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] | None = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load the tokenizer of {name!r} from {what}: {type(exc).__name__}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return _with_pad_token(tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------

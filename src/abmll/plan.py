@@ -271,7 +271,7 @@ def _simulate(model, theta: dict, layers: dict, shape: _Shape, live: LiveBytes) 
     the base weights, θ, θ.grad and AdamW's state) of its phases."""
     from abmll import objectives
     from abmll.bayes.inject import clone_factors, posterior, weight_sample
-    from abmll.inner import straight_through
+    from abmll.inner import sgd_step, straight_through
     from abmll.objectives import kl_divergence
 
     # The KL differentiated layer by layer (objectives.LayerwiseGrad), or summed over layers first (older code).
@@ -320,14 +320,7 @@ def _simulate(model, theta: dict, layers: dict, shape: _Shape, live: LiveBytes) 
                     )
                     del kl
                 phase("inner_kl")
-            if second:
-                phi = {n: (p if g is None else p - lr * g) for (n, p), g in zip(phi.items(), grads, strict=True)}
-            else:
-                with torch.no_grad():
-                    phi = {
-                        n: (p if g is None else p - lr * g).detach().requires_grad_(True)
-                        for (n, p), g in zip(phi.items(), grads, strict=True)
-                    }
+            phi = sgd_step(phi, grads, lr, second)
             del grads
             phase("inner_update")
         if not second:
