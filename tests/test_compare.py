@@ -90,7 +90,7 @@ def test_abmll_icl_reuses_the_abmll_cell_and_predicts_as_if_it_had_trained_itsel
     assert "differ" in caplog.text and all(w in caplog.text for w in ("config", "steps", "tasks", "model"))
     comparison.model = str(tmp_path / "tiny")
     caplog.clear()
-    config_file = both / "abmll" / "seed-100" / "train" / "final" / "adapter_config.json"
+    config_file = both / "abmll" / "seed-100" / "train" / "final" / "abmll_config.json"
     config_file.write_text(config_file.read_text().replace("abmll", "abmlx"))  # altered after training
     with caplog.at_level("WARNING", logger="abmll.compare"):
         assert shared_meta_training(comparison, "abmll-icl", same, cell) is None

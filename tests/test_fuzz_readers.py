@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from abmll.checkpoint import ADAPTER_CONFIG, MANIFEST, load_checkpoint, save_checkpoint, sha256
+from abmll.checkpoint import CONFIG_FILE, MANIFEST, load_checkpoint, save_checkpoint, sha256
 from abmll.config import ABMLLConfig
 from abmll.errors import AbmllError
 from abmll.tasks import readers
@@ -330,7 +330,7 @@ def checkpoint(base) -> Path:
 
 @FUZZ
 @given(
-    name=st.sampled_from(sorted(["adapter_config.json", "prior.safetensors", "trainer_state.json",
+    name=st.sampled_from(sorted(["abmll_config.json", "prior.safetensors", "trainer_state.json",
                                  "trainer_state.safetensors", "manifest.json"])),
     content=st.one_of(st.binary(max_size=80), JSON.map(json.dumps).map(str.encode), CONFIG.map(
         lambda c: json.dumps({"config": c, "method": "abmll"}).encode())),
@@ -349,5 +349,5 @@ def test_load_checkpoint(base, checkpoint, name, content, fix_manifest):
     shutil.rmtree(folder.parent)
 
 
-def test_adapter_config_name_is_the_one_fuzzed():
-    assert ADAPTER_CONFIG == "adapter_config.json"
+def test_config_file_name_is_the_one_fuzzed():
+    assert CONFIG_FILE == "abmll_config.json"

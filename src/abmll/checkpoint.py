@@ -1,11 +1,12 @@
 """Checkpoints: safetensors for tensors, JSON for everything else; loading never executes code.
 
 A checkpoint folder holds
-    adapter_config.json        the ABMLLConfig, the method, the adapted modules and their shapes, versions
+    abmll_config.json          the ABMLLConfig, the method, the adapted modules and their shapes, versions
+                               (``adapter_config.json`` in checkpoints of schema version 1, still read)
     prior.safetensors          θ, keyed "{module}.{factor}"
     trainer_state.safetensors  optimiser tensors and RNG states (torch, CUDA), when saved for resuming
     trainer_state.json         step, optimiser hyperparameters, sampler position, RNG states (python, numpy)
-    manifest.json              SHA-256 of every other file, written last
+    manifest.json              ``schema_version`` and the SHA-256 of every other file, written last
 
 Folders are written beside their final place (every file and the folder fsynced) and renamed into it, so a
 reader never sees half a checkpoint; a checkpoint whose files do not match the manifest is refused. Nothing
@@ -32,7 +33,12 @@ from safetensors.torch import load_file, save_file
 from abmll.config import ABMLLConfig
 from abmll.errors import CheckpointError
 
-ADAPTER_CONFIG = "adapter_config.json"
+#: The checkpoint's own config file (not PEFT's ``adapter_config.json``, so PEFT never mistakes it for an adapter).
+CONFIG_FILE = "abmll_config.json"
+#: Its name in checkpoints of schema version 1 (read, never written).
+LEGACY_CONFIG_FILE = "adapter_config.json"
+#: Version of the checkpoint layout, recorded in the manifest; a manifest without one is version 1.
+CHECKPOINT_SCHEMA_VERSION = 2
 PRIOR_FILE = "prior.safetensors"
 TRAINER_TENSORS = "trainer_state.safetensors"
 TRAINER_JSON = "trainer_state.json"
@@ -188,7 +194,7 @@ def save_checkpoint(
             module, _, factor = key.rpartition(".")
             modules.setdefault(module, {})[factor] = list(tensor.shape)
         meta = {"config": config.to_dict(), "modules": modules, "versions": versions(), **info}
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in theta.items()}, str(tmp / PRIOR_FILE))
         if trainer_values is not None:
             save_file(
@@ -197,7 +203,7 @@ def save_checkpoint(
             )
             (tmp / TRAINER_JSON).write_text(json.dumps(trainer_values, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"files": {name: sha256(tmp / name) for name in files}}
+        manifest = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "files": {name: sha256(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         for name in files + [MANIFEST]:
             fsync_path(tmp / name)
@@ -223,13 +229,23 @@ def verify_checkpoint(directory: str | Path) -> None:
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory}: not a complete abmll checkpoint (no {MANIFEST})")
     try:
-        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
         if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
             raise TypeError("'files' is not a mapping of file names to SHA-256 digests")
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+        version = manifest.get("schema_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise TypeError(f"'schema_version' is {version!r}, expected an integer ≥ 1")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    if version > CHECKPOINT_SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{manifest_path}: checkpoint schema_version {version} is newer than this abmll reads "
+            f"({CHECKPOINT_SCHEMA_VERSION}); upgrade abmll to load it"
+        )
     # Every file that is read must be covered by the manifest.
-    read = {ADAPTER_CONFIG, PRIOR_FILE} | {n for n in (TRAINER_TENSORS, TRAINER_JSON) if (directory / n).exists()}
+    read = {config_file(directory), PRIOR_FILE}
+    read |= {n for n in (TRAINER_TENSORS, TRAINER_JSON) if (directory / n).exists()}
     for name in sorted(read - set(files)):
         raise CheckpointError(f"{directory}: file {name} is not listed in the manifest (added or altered)")
     for name, digest in files.items():
@@ -242,6 +258,15 @@ def verify_checkpoint(directory: str | Path) -> None:
             raise CheckpointError(f"{path}: checksum mismatch (the file is truncated or altered)")
 
 
+def config_file(directory: str | Path) -> str:
+    """Name of a checkpoint's config file: ``abmll_config.json``, or ``adapter_config.json`` in a checkpoint
+    of schema version 1 (which has no ``abmll_config.json``)."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() and (directory / LEGACY_CONFIG_FILE).is_file():
+        return LEGACY_CONFIG_FILE
+    return CONFIG_FILE
+
+
 def load_checkpoint(directory: str | Path, trainer: bool = False) -> dict[str, Any]:
     """Read a verified checkpoint: ``{"theta", "config", "info", "trainer_tensors", "trainer_values"}``."""
     directory = Path(directory)
@@ -250,9 +275,10 @@ def load_checkpoint(directory: str | Path, trainer: bool = False) -> dict[str, A
     verify_checkpoint(directory)
     if trainer and not (directory / TRAINER_JSON).is_file():
         raise CheckpointError(f"{directory}: holds no trainer state to resume from")
+    name = config_file(directory)
     try:
-        info = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        config = ABMLLConfig.from_dict(info.pop("config"), source=str(directory / ADAPTER_CONFIG))
+        info = json.loads((directory / name).read_text(encoding="utf-8"))
+        config = ABMLLConfig.from_dict(info.pop("config"), source=str(directory / name))
         out: dict[str, Any] = {"theta": load_file(str(directory / PRIOR_FILE)), "config": config, "info": info}
         if trainer:
             out["trainer_tensors"] = load_file(str(directory / TRAINER_TENSORS))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack, contextmanager
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,27 +24,131 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperGroup
 
 from abmll.errors import AbmllError, ConfigError
 
-app = typer.Typer(
-    name="abmll",
-    help="Meta-learn Bayesian LoRA adapters (ABMLL) for causal language models, and evaluate them on unseen tasks.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 console = Console(stderr=True)
 #: Results (tables) go to standard output, unwrapped, so they can be piped.
 results_console = Console(soft_wrap=True)
 
 
+class _OneLineErrors(TyperGroup):
+    """Usage errors (an unknown choice, a value that is not a number, a missing option) are printed as one
+    ``error: …`` line with exit status 2, like every other error of the command line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.TyperException as exc:  # click's errors: a bad or missing option, an unknown command
+            if type(exc).__name__ == "NoArgsIsHelpError":  # the help was shown
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            where = f"abmll {ctx.info_name}: " if ctx is not None and ctx.parent is not None else ""
+            message = exc.format_message().replace("Value error, ", "")
+            message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+            console.print(f"[bold red]error:[/] {escape(where + message)}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            console.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    name="abmll",
+    cls=_OneLineErrors,
+    help="Meta-learn Bayesian LoRA adapters (ABMLL) for causal language models, and evaluate them on unseen tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from abmll import __version__
+
+        typer.echo(f"abmll {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_show_version, is_eager=True),
+    ] = False,
+) -> None:
     """Meta-learn Bayesian LoRA adapters (ABMLL) for causal language models, and evaluate them on unseen tasks."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars report the work
+
+
+# Choice options: their values are listed in --help and checked before anything runs (tests check that
+# they match the library's registries).
+class MethodName(StrEnum):
+    """Every method (abmll.methods.METHODS)."""
+
+    zero_shot = "zero-shot"
+    icl = "icl"
+    lora = "lora"
+    lora_task = "lora-task"
+    structured_lora = "structured-lora"
+    reptile = "reptile"
+    maml = "maml"
+    abmll = "abmll"
+    abmll_icl = "abmll-icl"
+
+
+class TrainMethod(StrEnum):
+    """The methods that learn across tasks (what abmll train trains)."""
+
+    abmll = "abmll"
+    abmll_icl = "abmll-icl"
+    lora = "lora"
+    structured_lora = "structured-lora"
+    reptile = "reptile"
+    maml = "maml"
+
+
+class ConfigPreset(StrEnum):
+    """abmll.config.PRESETS."""
+
+    default = "default"
+    paper_v1 = "paper-v1"
+    paper_v2 = "paper-v2"
+
+
+class Budget(StrEnum):
+    """abmll.compare.PRESETS."""
+
+    smoke = "smoke"
+    quick = "quick"
+    full = "full"
+
+
+class PredictMode(StrEnum):
+    sample = "sample"
+    mean = "mean"
+
+
+class GradientOrder(StrEnum):
+    first_order = "first_order"
+    second_order = "second_order"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _value(choice: Enum | str | None) -> str | None:
+    return choice.value if isinstance(choice, Enum) else choice
 
 ModelOpt = Annotated[
     str | None,
@@ -198,14 +303,12 @@ def fetch() -> None:
 def train(
     out: Annotated[Path, typer.Option("--out", help="Output folder: config, log.jsonl, checkpoints, final θ.")],
     config: Annotated[Path | None, typer.Option("--config", help="A YAML or JSON config file.")] = None,
-    preset: Annotated[
-        str | None, typer.Option("--preset", help="Start from a preset: default, paper-v1, paper-v2.")
-    ] = None,
+    preset: Annotated[ConfigPreset | None, typer.Option("--preset", help="Start from a preset.")] = None,
     model: ModelOpt = None,
     data: DataOpt = None,
     setting: SettingOpt = None,
     tasks: TasksOpt = None,
-    method: Annotated[str, typer.Option("--method", help="Training algorithm.")] = "abmll",
+    method: Annotated[TrainMethod, typer.Option("--method", help="Training algorithm.")] = TrainMethod.abmll,
     seed: SeedOpt = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Meta-steps (overrides meta.meta_steps).")] = None,
     sets: Annotated[
@@ -227,6 +330,7 @@ def train(
     """Meta-train on the 'train' tasks of a setting and write checkpoints, a JSONL log and the final θ.
     Runs unchanged on several processes under accelerate launch or torchrun, the tasks of each meta-batch split
     across them (docs/SCALING.md)."""
+    method, preset = _value(method), _value(preset)
     with _errors(), ExitStack() as held:
         from abmll.config import ABMLLConfig
         from abmll.config import preset as preset_config
@@ -350,12 +454,14 @@ def evaluate(
         typer.Option("--inner-steps", help="K_test: adaptation steps (overrides the checkpoint's)."),
     ] = None,
     samples: Annotated[int | None, typer.Option("--samples", help="S: posterior samples per prediction.")] = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="Predictive: 'sample' (S samples) or 'mean'.")] = None,
+    mode: Annotated[
+        PredictMode | None, typer.Option("--mode", help="Predictive: 'sample' (S samples) or 'mean' (μ).")
+    ] = None,
     query_size: Annotated[
         int | None, typer.Option("--query-size", help="Cap on query examples per task and seed.")
     ] = None,
     method: Annotated[
-        str | None,
+        MethodName | None,
         typer.Option(
             "--method",
             help="abmll, abmll-icl, lora, structured-lora, reptile, maml (with --checkpoint), or zero-shot, icl, "
@@ -366,6 +472,7 @@ def evaluate(
     device: DeviceOpt = "auto",
 ) -> None:
     """Adapt to each 'test' task from its k-shot support sets and score the query sets."""
+    method, mode = _value(method), _value(mode)
     with _errors(), ExitStack() as held:
         from abmll.checkpoint import load_checkpoint, load_prior_into
         from abmll.config import ABMLLConfig
@@ -433,7 +540,7 @@ MethodsOpt = Annotated[
     ),
 ]
 PresetOpt = Annotated[
-    str,
+    Budget,
     typer.Option(
         "--preset",
         help="Budget: smoke (CI, about a minute), quick (about 15 min on 2 CPU cores), full (3 seeds, about 2 hours).",
@@ -495,7 +602,7 @@ def _run_comparison(
 def compare(
     out: Annotated[Path, typer.Option("--out", help="Report folder.")],
     methods: MethodsOpt = "zero-shot,lora,abmll",
-    preset: PresetOpt = "quick",
+    preset: PresetOpt = Budget.quick,
     model: ModelOpt = None,
     data: DataOpt = None,
     setting: SettingOpt = None,
@@ -505,19 +612,20 @@ def compare(
 ) -> None:
     """Run several methods on the same tasks, support sets, scorer and budget, and write a report."""
     with _errors():
-        _run_comparison(methods, preset, data, setting, model, seeds, out, resume, k)
+        _run_comparison(methods, _value(preset), data, setting, model, seeds, out, resume, k)
 
 
 @app.command()
 def demo(
-    preset: PresetOpt = "quick",
+    preset: PresetOpt = Budget.quick,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default runs/demo-PRESET).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
 ) -> None:
     """ABMLL against regular LoRA and zero-shot on the embedded SmolLM2-135M and the built-in suite."""
     with _errors():
         _run_comparison(
-            "zero-shot,lora,abmll", preset, None, None, None, None, out or Path(f"runs/demo-{preset}"), resume
+            "zero-shot,lora,abmll", _value(preset), None, None, None, None, out or Path(f"runs/demo-{_value(preset)}"),
+            resume,
         )
 
 
@@ -623,12 +731,8 @@ def plan_command(
     ] = 4,
     inner_steps: Annotated[int, typer.Option("--inner-steps", help="K: inner SGD steps per task.")] = 5,
     samples: Annotated[int, typer.Option("--samples", help="S: weight samples per inner step.")] = 1,
-    order: Annotated[str, typer.Option("--order", help="'first_order' or 'second_order' meta-gradients.")] = (
-        "first_order"
-    ),
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="Base weights and activations: float32, bfloat16 or float16.")
-    ] = "float32",
+    order: Annotated[GradientOrder, typer.Option("--order", help="Meta-gradients.")] = GradientOrder.first_order,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Base weights and activations.")] = DType.float32,
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Recompute each decoder layer in the backward pass.")
     ] = False,
@@ -651,8 +755,8 @@ def plan_command(
             read_tokens=read_tokens,
             inner_steps=inner_steps,
             samples=samples,
-            order=order,
-            dtype=dtype,
+            order=_value(order),
+            dtype=_value(dtype),
             gradient_checkpointing=gradient_checkpointing,
         )
         if as_json:

@@ -32,7 +32,15 @@ from abmll.assets import portable_path
 from abmll.checkpoint import load_checkpoint, versions, write_json_atomic
 from abmll.config import ABMLLConfig
 from abmll.errors import AbmllError, CheckpointError, ConfigError
-from abmll.evaluation import evaluate, load_episodes, read_predictions, results_markdown, write_results
+from abmll.evaluation import (
+    RESULTS_SCHEMA_VERSION,
+    evaluate,
+    load_episodes,
+    read_predictions,
+    read_results,
+    results_markdown,
+    write_results,
+)
 from abmll.methods import METHODS, create_method, method_overrides
 from abmll.metrics import mean_interval
 from abmll.models import DEFAULT_MODEL
@@ -241,9 +249,9 @@ def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progre
 def _earlier_timings(out: Path) -> dict[str, float]:
     """The cell times of the report a previous sitting wrote into ``out`` (for cells that predate ``wall_s``)."""
     try:
-        timings = json.loads((out / PREVIOUS_REPORT).read_text()).get("timings_s", {})
+        timings = read_results(out / PREVIOUS_REPORT).get("timings_s", {})
         return {str(k): float(v) for k, v in timings.items()}
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (AbmllError, ValueError, TypeError, AttributeError):
         return {}
 
 
@@ -254,8 +262,8 @@ def _cell_timings(comparison: Comparison, out: Path, earlier: dict[str, float]) 
     for path in sorted(out.glob("*/seed-*/results.json"), key=lambda p: _cell_order(comparison, p)):
         name = f"{path.parent.parent.name}/{path.parent.name}"
         try:
-            recorded = json.loads(path.read_text()).get("wall_s", earlier.get(name))
-        except (OSError, ValueError, AttributeError):
+            recorded = read_results(path).get("wall_s", earlier.get(name))
+        except AbmllError:
             recorded = earlier.get(name)
         if isinstance(recorded, (int, float)):
             timings[name] = recorded
@@ -325,6 +333,7 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         _report_markdown(comparison, results, timings, paired, paired_mean, demonstrations)
     )
     full = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
         **meta,
         "versions": versions(),
         "methods": results,

@@ -2,9 +2,10 @@
 metrics of METHOD.md section 5 per seed, per task (mean over seeds, 95 % t-interval) and across tasks
 (macro-average), and keep every per-example probability.
 
-``results.json`` schema (stable)::
+``results.json`` schema (stable; ``schema_version`` :data:`RESULTS_SCHEMA_VERSION`, files without one are
+version 1 and read the same)::
 
-    {"method", "model", "config", "versions", "k", "seeds",
+    {"schema_version", "method", "model", "config", "versions", "k", "seeds",
      "tasks": {NAME: {"n", "accuracy", "macro_f1", "ece", "mce", "nll", "brier", "majority_accuracy",
                       "top_prediction_share", "auroc", "reliability", "interval": {METRIC: {mean, low, high, n}},
                       "per_seed": [{"seed", METRIC...}]}},
@@ -44,6 +45,8 @@ SCALARS = (
     "auroc",
 )
 ProgressFn = Callable[[str, int, int], None]
+#: Version of the ``results.json`` schema above (written by :func:`write_results` and ``abmll compare``).
+RESULTS_SCHEMA_VERSION = 1
 
 
 def load_episodes(
@@ -176,7 +179,7 @@ def write_results(out_dir: str | Path, predictions: list[dict[str, Any]], meta: 
     results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    full = {**meta, "versions": versions(), **summarise(predictions)}
+    full = {"schema_version": RESULTS_SCHEMA_VERSION, **meta, "versions": versions(), **summarise(predictions)}
     tmp = out / ".predictions.jsonl.tmp"
     with open(tmp, "w") as fh:
         for row in predictions:
@@ -185,6 +188,27 @@ def write_results(out_dir: str | Path, predictions: list[dict[str, Any]], meta: 
     (out / "results.md").write_text(results_markdown(full))
     write_json_atomic(out / "results.json", full)
     return full
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A ``results.json`` as a dict (one without ``schema_version`` is version 1); raises :class:`DataError`
+    naming the file when it is unreadable or of a newer schema than this abmll writes."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: could not be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    version = data.setdefault("schema_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DataError(f"{path}: field 'schema_version' = {version!r} is invalid: expected an integer ≥ 1")
+    if version > RESULTS_SCHEMA_VERSION:
+        raise DataError(
+            f"{path}: schema_version {version} is newer than this abmll reads ({RESULTS_SCHEMA_VERSION}); "
+            "upgrade abmll to read it"
+        )
+    return data
 
 
 def clear_results(out_dir: str | Path) -> None:

@@ -1,4 +1,8 @@
-"""Report figures and tables: reliability diagrams, training curves, and the comparison table."""
+"""Report figures and tables: reliability diagrams, training curves, and the comparison table.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects and saved with their own canvas, without pyplot:
+importing this module leaves matplotlib's backend (e.g. a notebook's) as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+from matplotlib.figure import Figure
 
 from abmll.evaluation import format_metric, prediction_matrix
 from abmll.metrics import reliability_bins
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def reliability_diagram(predictions: list[dict[str, Any]], mean: dict[str, Any], path: str | Path, title: str) -> Path:
     """Accuracy against confidence in 15 bins, the predictions of every task and seed pooled, with the ideal
     diagonal and the bin counts; ``mean`` holds the macro-averaged ECE and accuracy for the title."""
     bins = reliability_bins(*prediction_matrix(predictions))
-    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    fig = Figure(figsize=(4.2, 4.2))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
     lows = [b["lower"] for b in bins if b["count"]]
     widths = [b["upper"] - b["lower"] for b in bins if b["count"]]
@@ -33,7 +36,6 @@ def reliability_diagram(predictions: list[dict[str, Any]], mean: dict[str, Any],
     ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
@@ -42,10 +44,13 @@ def training_curves(logs: dict[str, list[Path]], path: str | Path) -> Path | Non
     logs = {name: files for name, files in logs.items() if files}
     if not logs:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for colour, (name, files) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], logs.items(), strict=False):
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for colour, (name, files) in zip(colours, logs.items(), strict=False):
         for i, file in enumerate(files):
             rows = [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if "outer_nll" in r]  # meta-step records (not e.g. a config change)
             ax.plot(
                 [r["step"] for r in rows],
                 [r["outer_nll"] for r in rows],
@@ -57,7 +62,6 @@ def training_curves(logs: dict[str, list[Path]], path: str | Path) -> Path | Non
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
