@@ -361,7 +361,8 @@ def test_zero_shot_predictions_equal_abmll_evaluate(tmp_path):
         probs = method.predict(method.adapt(ep.support, ep.seed), ep.query, ep.seed)
         for ex, row in zip(ep.query, probs.tolist(), strict=True):
             expected[(ep.seed, ex.id)] = row[: len(ex.options)]
-    assert len(expected) == 12 and written == expected
+    # the two seeds' disjoint parts of the 11 pooled test examples, less each seed's own support examples
+    assert len(expected) == 9 and written == expected
 
 
 @pytest.mark.parametrize("name", ["lora-task", "icl"])

@@ -155,7 +155,9 @@ def test_evaluate_checkpoint_results_schema_and_ece(env, trained):
     task = res["tasks"][TEST_TASK]
     assert {"n", "accuracy", "macro_f1", "ece", "mce", "nll", "brier", "majority_accuracy", "top_prediction_share",
             "auroc", "reliability", "per_seed", "interval"} <= task.keys()  # fmt: skip
-    assert task["n"] == N_QUERY
+    # query sets are disjoint across the seeds: each seed takes its part of the pooled test files
+    sizes = {r["seed"]: r["query"] for r in res["query_sets"][TEST_TASK]["per_seed"]}
+    assert list(sizes) == list(SEEDS) and task["n"] == sum(sizes.values()) / len(SEEDS)
     for row in (task, res["mean"], *task["per_seed"]):
         for key in METRICS01:
             assert 0.0 <= row[key] <= 1.0, key
@@ -166,14 +168,14 @@ def test_evaluate_checkpoint_results_schema_and_ece(env, trained):
         assert {"mean", "low", "high", "n"} <= task["interval"][key].keys() and task["interval"][key]["n"] == 2
         assert task["interval"][key]["mean"] == pytest.approx(task[key])
     assert res["mean"]["n_tasks"] == 1 and res["mean"]["accuracy"] == pytest.approx(task["accuracy"])
-    assert sum(b["count"] for b in task["reliability"]) == N_QUERY * len(SEEDS)
+    assert sum(b["count"] for b in task["reliability"]) == sum(sizes.values())
 
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == N_QUERY * len(SEEDS)
+    assert len(preds) == sum(sizes.values())
     eces = []
     for seed, reported in zip(SEEDS, task["per_seed"], strict=True):
         rows = [p for p in preds if p["task"] == TEST_TASK and p["seed"] == seed]
-        assert len(rows) == N_QUERY and all(len(p["probs"]) == 2 for p in rows)
+        assert len(rows) == sizes[seed] and all(len(p["probs"]) == 2 for p in rows)
         ece = expected_calibration_error([p["probs"] for p in rows], [p["gold"] for p in rows])
         assert ece == pytest.approx(reported["ece"], abs=1e-12)
         eces.append(ece)
@@ -190,7 +192,10 @@ def test_evaluate_zero_shot_without_checkpoint(env):
     ok(invoke(*argv))
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "zero-shot" and res["checkpoint"] is None
-    assert res["tasks"]["small"]["n"] == 5 and 0.0 <= res["tasks"]["small"]["accuracy"] <= 1.0
+    # 10 examples: two disjoint halves of 5, each less its seed's own 4 support examples drawn from the file
+    sizes = [r["query"] for r in res["query_sets"]["small"]["per_seed"]]
+    assert res["tasks"]["small"]["n"] == sum(sizes) / 2 and all(1 <= n <= 5 for n in sizes)
+    assert 0.0 <= res["tasks"]["small"]["accuracy"] <= 1.0
     assert (out / "results.md").is_file()
 
 
@@ -369,8 +374,8 @@ CASES = [
      lambda c: c.train(), ["line 4", "duplicate example id 'x' (also on line 1)"]),
     ("k-larger-than-task", None, lambda c: c.evaluate("--tasks", "small", "--k", 16),
      ["small.jsonl", "task 'small'", "k = 16 is larger than the task (10 examples)"]),
-    ("k-without-files", None, lambda c: c.evaluate("--k", 4),
-     ["unseen_4_100_test.jsonl", "no such file for task 'unseen'"]),
+    ("k-without-files", None, lambda c: c.evaluate("--k", 9),  # files hold k = 8; a smaller k draws from them
+     ["unseen_9_100_train.jsonl", "no support file for task 'unseen' at k=9", "unseen_8_100_train.jsonl"]),
     ("support-larger-than-task", None, lambda c: c.train("--set", "meta.support_size=30"),
      ["task 'fam0' has 24 examples", "needs ≥ 31"]),
     ("non-utf8", _bad_byte(TRAIN0, 5),

@@ -476,7 +476,7 @@ def evaluate(
     with _errors(), ExitStack() as held:
         from abmll.checkpoint import load_checkpoint, load_prior_into
         from abmll.config import ABMLLConfig
-        from abmll.evaluation import clear_results, load_episodes, write_results
+        from abmll.evaluation import clear_results, load_episodes, query_sets, query_warnings, write_results
         from abmll.evaluation import evaluate as run_eval
 
         seed_list = _parse_ints(seeds, "--seeds")
@@ -511,6 +511,9 @@ def evaluate(
         model = model or (ckpt["info"].get("model") if ckpt else None)
         data_dir, names = _data_and_tasks(data, setting, tasks, "test")
         episodes = load_episodes(data_dir, names, k, seed_list, query_size)
+        drawn = query_sets(episodes, query_size)
+        for line in query_warnings(drawn):
+            console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
         mdl, method_obj, model_name = _build(model, method, cfg, device)
         if ckpt is not None and method not in BASE_ONLY:
             load_prior_into(mdl, checkpoint)
@@ -524,6 +527,8 @@ def evaluate(
             "data": _portable(data_dir),
             "k": k,
             "seeds": seed_list,
+            "query_size": query_size,
+            "query_sets": drawn,
             "config": cfg.to_dict(),
         }
         write_results(out, predictions, meta)

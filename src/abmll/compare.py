@@ -36,6 +36,9 @@ from abmll.evaluation import (
     RESULTS_SCHEMA_VERSION,
     evaluate,
     load_episodes,
+    query_sets,
+    query_sets_markdown,
+    query_warnings,
     read_predictions,
     read_results,
     results_markdown,
@@ -202,7 +205,9 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
             resume=True,
             progress=(lambda r: progress(f"{method_name} seed {seed}: meta-training", r)) if progress else None,
         )
-    episodes = load_episodes(comparison.data_dir, comparison.test_tasks, comparison.k, [seed], comparison.query_size)
+    episodes = load_episodes(
+        comparison.data_dir, comparison.test_tasks, comparison.k, [seed], comparison.query_size, comparison.seeds
+    )
     predictions = evaluate(
         method,
         episodes,
@@ -211,7 +216,15 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
         else None,
     )
     wall_s = round(time.perf_counter() - start, 3)
-    cell = {**info, "k": comparison.k, "seeds": [seed], "config": config.to_dict(), "wall_s": wall_s}
+    cell = {
+        **info,
+        "k": comparison.k,
+        "seeds": [seed],
+        "query_size": comparison.query_size,
+        "query_sets": query_sets(episodes, comparison.query_size),
+        "config": config.to_dict(),
+        "wall_s": wall_s,
+    }
     write_results(out, predictions, cell)
     return out
 
@@ -231,6 +244,11 @@ def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progre
     if (out / "results.json").is_file():  # set aside (not deleted) until the new report is written
         (out / "results.json").replace(out / PREVIOUS_REPORT)
     earlier = _earlier_timings(out) if resume else {}
+    drawn = load_episodes(  # every seed's query set, drawn once: the data is checked before any cell runs
+        comparison.data_dir, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
+    )
+    for line in query_warnings(query_sets(drawn, comparison.query_size)):
+        logger.warning("%s", line)
     # methods that share another's meta-training (abmll-icl) run after it, whatever the order asked for
     order = sorted(comparison.methods, key=lambda m: METHODS[m].meta_trained_as in comparison.methods)
     for method_name in order:
@@ -307,9 +325,11 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         "model": comparison.model or "smollm2-135m",
         "k": comparison.k,
         "seeds": comparison.seeds,
+        "query_size": comparison.query_size,
         "config": comparison.config.to_dict(),
         **comparison.extra,
     }
+    meta["query_sets"] = _cells_query_sets(comparison, out)
     for method_name in comparison.methods:
         predictions = []
         for seed in comparison.seeds:
@@ -344,6 +364,26 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
     }
     write_json_atomic(out / "results.json", full)
     return full
+
+
+def _cells_query_sets(comparison: Comparison, out: Path) -> dict[str, Any]:
+    """The query-set records of the cells (:func:`abmll.evaluation.query_sets`), pooled over seeds: per task,
+    the first method's record of each seed (every method draws the same ones)."""
+    pooled: dict[str, Any] = {}
+    for method_name in comparison.methods:
+        for seed in comparison.seeds:
+            try:
+                record = read_results(out / method_name / f"seed-{seed}" / "results.json").get("query_sets") or {}
+            except AbmllError:
+                continue
+            for task, r in record.items():
+                entry = pooled.setdefault(task, {**r, "per_seed": []})
+                if all(row["seed"] != seed for row in entry["per_seed"]):
+                    entry["per_seed"] += [row for row in r["per_seed"] if row["seed"] == seed]
+                    entry["enough"] = entry["enough"] and r["enough"]
+    for entry in pooled.values():
+        entry["per_seed"].sort(key=lambda row: comparison.seeds.index(row["seed"]))
+    return pooled
 
 
 PAIRED_METRICS = ("accuracy", "ece")
@@ -441,6 +481,7 @@ def _report_markdown(
         f"Methods: {', '.join(comparison.methods)}. Seeds: {comparison.seeds} (each seed draws both the "
         f"meta-training episodes and the {comparison.k}-shot support sets). Query sets capped at "
         f"{comparison.query_size} examples per task and seed.",
+        *query_sets_markdown(next(iter(results.values()), {}).get("query_sets")),
         f"Budget (the same for every method): `{_budget(comparison.config)}`.",
         *_overrides_markdown(comparison.methods, comparison.config),
         "",

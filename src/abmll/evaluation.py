@@ -5,12 +5,13 @@ metrics of METHOD.md section 5 per seed, per task (mean over seeds, 95 % t-inter
 ``results.json`` schema (stable; ``schema_version`` :data:`RESULTS_SCHEMA_VERSION`, files without one are
 version 1 and read the same)::
 
-    {"schema_version", "method", "model", "config", "versions", "k", "seeds",
+    {"schema_version", "method", "model", "config", "versions", "k", "seeds", "query_size", "query_sets",
      "tasks": {NAME: {"n", "accuracy", "macro_f1", "ece", "mce", "nll", "brier", "majority_accuracy",
                       "top_prediction_share", "auroc", "reliability", "interval": {METRIC: {mean, low, high, n}},
                       "per_seed": [{"seed", METRIC...}]}},
      "mean": {METRIC..., "n_tasks", "interval": {METRIC: {mean, low, high, n}}}}
 
+``query_sets`` says how each task's query sets were drawn, disjoint across seeds (:func:`query_sets`).
 Task metrics are the means over seeds; ``reliability`` pools the predictions of all seeds; ``mean`` is the
 macro-average over tasks, with its interval taken over the per-seed macro-averages. Everything is computed
 from the per-example probabilities kept in ``predictions.jsonl`` (:func:`summarise`).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,8 @@ from abmll.checkpoint import versions, write_json_atomic
 from abmll.errors import DataError
 from abmll.methods.base import Method
 from abmll.metrics import macro_average, mean_interval, reliability_bins, task_metrics
-from abmll.tasks.data import Episode, make_episode
-from abmll.tasks.readers import metaicl_path, read_metaicl_file, read_metaicl_task
+from abmll.tasks.data import Episode, Example, disjoint_queries, example_key, sample_support
+from abmll.tasks.readers import metaicl_files, metaicl_path, read_metaicl_file, union_of_files
 
 SCALARS = (
     "accuracy",
@@ -50,29 +52,116 @@ RESULTS_SCHEMA_VERSION = 1
 
 
 def load_episodes(
-    data_dir: str | Path, tasks: Sequence[str], k: int, seeds: Sequence[int], query_size: int | None = None
+    data_dir: str | Path,
+    tasks: Sequence[str],
+    k: int,
+    seeds: Sequence[int],
+    query_size: int | None = None,
+    all_seeds: Sequence[int] | None = None,
 ) -> dict[str, list[Episode]]:
-    """Episodes of each task and seed: MetaICL's ``{task}_{k}_{seed}_train.jsonl`` (support) and
-    ``…_test.jsonl`` (query) when both exist, else sampled from the whole task file with that seed."""
+    """Episodes of each task and seed (:func:`support_set`, :func:`query_pool`), with query sets disjoint
+    across ``all_seeds`` (every seed of the evaluation; default ``seeds``): see
+    :func:`abmll.tasks.data.disjoint_queries`. Each episode's ``meta`` records its query set's provenance
+    (:func:`query_sets`)."""
+    order = list(seeds if all_seeds is None else all_seeds)
     out: dict[str, list[Episode]] = {}
     for name in tasks:
-        episodes = []
-        for seed in seeds:
-            support_file = metaicl_path(data_dir, name, k, seed, "train")
-            query_file = metaicl_path(data_dir, name, k, seed, "test")
-            if support_file.is_file() and query_file.is_file():
-                support = read_metaicl_file(support_file, name).examples
-                query = read_metaicl_file(query_file, name).examples
-                if len(support) != k:
-                    raise DataError(f"{support_file}: holds {len(support)} examples, expected k = {k}")
-                if query_size is not None:
-                    query = query[:query_size]
-                episodes.append(Episode(name, support, query, seed))
-            else:
-                task = read_metaicl_task(data_dir, name, k=k, seed=seed, split="test")
-                episodes.append(make_episode(task, k, seed, query_size=query_size))
-        out[name] = episodes
+        files = metaicl_files(data_dir, name)
+        supports = {seed: support_set(data_dir, name, k, seed, files) for seed in seeds}
+        pool, pool_source = query_pool(data_dir, name, files)
+        queries = disjoint_queries(name, pool, order, {s: sup for s, (sup, _) in supports.items()}, query_size)
+        n_pool = len({example_key(name, ex) for ex in pool})
+        out[name] = [
+            Episode(
+                name,
+                supports[seed][0],
+                queries[seed],
+                seed,
+                {"pool": n_pool, "pool_source": pool_source, "parts": len(order), "support_source": supports[seed][1]},
+            )
+            for seed in seeds
+        ]
     return out
+
+
+def support_set(
+    data_dir: str | Path, task: str, k: int, seed: int, files: dict | None = None
+) -> tuple[list[Example], str]:
+    """The k-shot support set of ``task`` for ``seed`` and where it came from: the file
+    ``{task}_{k}_{seed}_train.jsonl``; else k examples drawn with the seed from the file of the smallest larger
+    k (``{task}_{k'}_{seed}_train.jsonl``); else k examples drawn with the seed from ``{task}.jsonl``."""
+    files = metaicl_files(data_dir, task) if files is None else files
+    larger = sorted(kf for (kf, s, split) in files if s == seed and split == "train" and kf >= k)
+    if larger:
+        path = files[(larger[0], seed, "train")]
+        examples = read_metaicl_file(path, task).examples
+        if len(examples) != larger[0]:
+            raise DataError(f"{path}: holds {len(examples)} examples, expected k = {larger[0]}")
+        if larger[0] == k:
+            return examples, path.name
+        picked = random.Random(seed).sample(range(len(examples)), k)
+        return [examples[i] for i in picked], f"{k} of {path.name}, drawn with seed {seed}"
+    whole = Path(data_dir) / task / f"{task}.jsonl"
+    if not whole.is_file():
+        have = sorted(p.name for p in files.values()) or "none"
+        raise DataError(
+            f"{metaicl_path(data_dir, task, k, seed, 'train')}: no support file for task '{task}' at k={k}, "
+            f"seed={seed} (nor at a larger k), and no {task}.jsonl to draw one from; its k-shot files: {have}"
+        )
+    task_obj = read_metaicl_file(whole, task)
+    picked = sample_support(task_obj, k, seed)
+    return [task_obj.examples[i] for i in picked], f"{k} drawn from {whole.name} with seed {seed}"
+
+
+def query_pool(data_dir: str | Path, task: str, files: dict | None = None) -> tuple[list[Example], str]:
+    """The examples query sets are drawn from and where they came from: ``{task}.jsonl`` when present, else
+    the union of every ``{task}_{k}_{seed}_test.jsonl`` file (any k and seed; a copy counted once)."""
+    files = metaicl_files(data_dir, task) if files is None else files
+    whole = Path(data_dir) / task / f"{task}.jsonl"
+    if whole.is_file():
+        return read_metaicl_file(whole, task).examples, whole.name
+    tests = [path for (_, _, split), path in files.items() if split == "test"]
+    if not tests:
+        raise DataError(
+            f"{Path(data_dir) / task}: task '{task}' has no {task}.jsonl and no {task}_{{k}}_{{seed}}_test.jsonl "
+            "file to draw query sets from"
+        )
+    source = tests[0].name if len(tests) == 1 else f"the union of {len(tests)} test files"
+    return union_of_files(task, tests).examples, source
+
+
+def query_sets(episodes: dict[str, list[Episode]], query_size: int | None) -> dict[str, Any]:
+    """Per task, how its query sets were drawn: ``{"pool", "source", "parts", "requested", "disjoint": true,
+    "enough", "per_seed": [{"seed", "query", "support"}]}``; ``enough`` is false when a seed got fewer than
+    ``query_size`` examples (its disjoint part of the pool was too small)."""
+    record: dict[str, Any] = {}
+    for name, eps in episodes.items():
+        first = eps[0].meta
+        per_seed = [{"seed": ep.seed, "query": len(ep.query), "support": ep.meta["support_source"]} for ep in eps]
+        record[name] = {
+            "pool": first["pool"],
+            "source": first["pool_source"],
+            "parts": first["parts"],
+            "requested": query_size,
+            "disjoint": True,
+            "enough": query_size is None or all(r["query"] >= query_size for r in per_seed),
+            "per_seed": per_seed,
+        }
+    return record
+
+
+def query_warnings(record: dict[str, Any]) -> list[str]:
+    """One line per task whose query pool was too small for disjoint query sets of the requested size."""
+    lines = []
+    for name, r in record.items():
+        if not r["enough"]:
+            got = ", ".join(f"seed {s['seed']}: {s['query']}" for s in r["per_seed"])
+            lines.append(
+                f"task '{name}': its query pool ({r['source']}) holds {r['pool']} examples, too few for "
+                f"{r['parts']} disjoint query sets of {r['requested']}; each seed gets a smaller disjoint part "
+                f"({got})"
+            )
+    return lines
 
 
 def evaluate(
@@ -167,7 +256,22 @@ def results_markdown(results: dict[str, Any]) -> str:
         cells += [format_metric(row, key) for key in ("nll", "brier", "macro_f1", "majority_accuracy")]
         cells += [format_metric(row, key) for key in ("top_prediction_share", "auroc")]
         lines.append(f"| {name} | {n:.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + query_sets_markdown(results.get("query_sets"))) + "\n"
+
+
+def query_sets_markdown(record: dict[str, Any] | None) -> list[str]:
+    """Lines saying how the query sets were drawn, naming every task whose pool was too small."""
+    if not record:
+        return []
+    any_task = next(iter(record.values()))
+    lines = [
+        "",
+        f"Query sets are disjoint across the {any_task['parts']} seed(s) of the evaluation: each task's query "
+        "pool is shuffled by content and cut into one part per seed, less that seed's support examples"
+        + (f", at most {any_task['requested']} per seed." if any_task["requested"] is not None else "."),
+    ]
+    lines += [f"- {line}" for line in query_warnings(record)]
+    return lines
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@ MetaICL uses seeds 100, 13, 21, 42, 87) and a query set.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -134,6 +136,49 @@ def make_episode(
             f"{where}task '{task.name}': no examples left for the query set after a {k}-shot support set"
         )
     return Episode(task=task.name, support=support, query=query, seed=seed)
+
+
+def example_key(task: str, ex: Example) -> str:
+    """A digest of the task name and the example's content (input, options, gold), independent of its id and
+    of where it was read from: two copies of one question have the same key."""
+    text = json.dumps([task, ex.input, list(ex.options), ex.gold], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def disjoint_queries(
+    task: str,
+    pool: Sequence[Example],
+    seeds: Sequence[int],
+    supports: dict[int, Sequence[Example]],
+    query_size: int | None = None,
+) -> dict[int, list[Example]]:
+    """Query sets, disjoint across ``seeds`` (every seed of the evaluation, in order), for the seeds that are
+    keys of ``supports``: the pool, deduplicated by content, is ordered by :func:`example_key` (a fixed shuffle
+    that depends on the task and the examples alone), cut into ``len(seeds)`` contiguous parts, and seed
+    ``seeds[j]`` takes part j less its own support examples, capped at ``query_size``. A seed's query set thus
+    depends only on the pool, its position in ``seeds``, its support set and the cap."""
+    seeds = list(seeds)
+    if len(set(seeds)) != len(seeds):
+        raise DataError(f"task '{task}': the seeds {seeds} repeat one; expected distinct seeds")
+    unique: dict[str, Example] = {}
+    for ex in pool:
+        unique.setdefault(example_key(task, ex), ex)
+    ranked = [unique[key] for key in sorted(unique)]
+    n, parts = len(ranked), len(seeds)
+    out: dict[int, list[Example]] = {}
+    for seed, support in supports.items():
+        if seed not in seeds:
+            raise DataError(f"task '{task}': seed {seed} is not one of the evaluation's seeds {seeds}")
+        j = seeds.index(seed)
+        taken = {example_key(task, ex) for ex in support}
+        query = [ex for ex in ranked[j * n // parts : (j + 1) * n // parts] if example_key(task, ex) not in taken]
+        out[seed] = query if query_size is None else query[:query_size]
+        if not out[seed]:
+            raise DataError(
+                f"task '{task}': its query pool of {n} examples, cut into {parts} disjoint parts (one per seed), "
+                f"leaves seed {seed} no query example once its support set is removed; use fewer seeds or more data"
+            )
+    return out
 
 
 class MetaBatchSampler:

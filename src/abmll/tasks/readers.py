@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from abmll.errors import DataError
-from abmll.tasks.data import KINDS, Example, Task
+from abmll.tasks.data import KINDS, Example, Task, example_key
 
 SPLITS = ("train", "dev", "test")
 SETTING_KEYS = ("train", "test", "dev", "valid")
@@ -313,6 +313,62 @@ def read_metaicl_split_files(
     if not out:
         raise _missing_file(task_dir / f"{task}_{k}_{seed}_*.jsonl", task, f"k={k}, seed={seed}", "*.jsonl")
     return out
+
+
+def metaicl_files(data_dir: Path | str, task: str) -> dict[tuple[int, int, str], Path]:
+    """The task's ``{task}_{k}_{seed}_{split}.jsonl`` files as ``{(k, seed, split): path}``."""
+    task_dir = _task_dir(data_dir, task)
+    pattern = re.compile(rf"^{re.escape(task)}_(\d+)_(\d+)_(train|dev|test)\.jsonl$")
+    out = {}
+    for path in sorted(task_dir.iterdir()):
+        m = pattern.match(path.name)
+        if m and path.is_file():
+            out[(int(m.group(1)), int(m.group(2)), m.group(3))] = path
+    return out
+
+
+#: MetaICL's meta-training file: ``{task}_16384_100_train.jsonl``.
+TRAIN_FILE_K, TRAIN_FILE_SEED = 16384, 100
+
+
+def read_training_task(data_dir: Path | str, task: str) -> tuple[Task, str]:
+    """A meta-training task and where its examples came from: its 16384-shot file
+    ``{task}_16384_100_train.jsonl`` when present, else its whole-task file ``{task}.jsonl``, else the union
+    of its k-shot files ``{task}_{k}_{seed}_{split}.jsonl`` (every k, seed and split; an example found in
+    several files counted once)."""
+    task_dir = _task_dir(data_dir, task)
+    path = metaicl_path(data_dir, task, TRAIN_FILE_K, TRAIN_FILE_SEED, "train")
+    if path.is_file():
+        return read_metaicl_file(path, name=task), path.name
+    if (task_dir / f"{task}.jsonl").is_file():
+        return read_metaicl_file(task_dir / f"{task}.jsonl", name=task), f"{task}.jsonl"
+    files = list(metaicl_files(data_dir, task).values())
+    if not files:
+        raise _missing_file(path, task, "meta-training: no 16384-shot file, no whole-task file, no k-shot files", "*")
+    return union_of_files(task, files), f"the union of {len(files)} k-shot files ({', '.join(p.name for p in files)})"
+
+
+def union_of_files(task: str, files: Sequence[Path]) -> Task:
+    """The examples of several files of one task, each counted once (by content); an id that two different
+    examples carry (e.g. the line-number ids of two files) is prefixed with the file name."""
+    seen: set[str] = set()
+    ids: set[str] = set()
+    examples: list[Example] = []
+    kinds = []
+    for path in files:
+        part = read_metaicl_file(path, name=task)
+        kinds.append(part.kind)
+        for ex in part.examples:
+            key = example_key(task, ex)
+            if key in seen:
+                continue
+            seen.add(key)
+            if ex.id in ids:
+                ex = Example(ex.input, ex.options, ex.gold, f"{path.name}:{ex.id}")
+            ids.add(ex.id)
+            examples.append(ex)
+    kind = "classification" if all(k == "classification" for k in kinds) else None
+    return _make_task(task, examples, files[0].parent, kind)
 
 
 def load_metaicl_tasks(
