@@ -438,6 +438,42 @@ def test_evaluate_and_compare_refuse_a_locked_output_folder(env, tmp_path, comma
     assert sorted(p.name for p in out.iterdir()) == [".lock", "results.json"]
 
 
+# ------------------------------------------------------------------------------------------ a changed config
+
+
+def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_recorded(env, tmp_path):
+    """``--resume`` with another config names the fields and stops; ``--allow-config-change`` continues with
+    it and records the change with its step in log.jsonl and config_history.jsonl."""
+    out = tmp_path / "run"
+    ok(invoke(env.args(out, steps=2)))
+    before = {p.name: p.read_bytes() for p in (out / "final", out / "log.jsonl", out / "config.json") if p.is_file()}
+
+    refused = invoke(env.args(out, "--resume", "--set", "inner.inner_lr=0.5", "--set", "objective.beta=0.5", steps=4))
+    assert refused.exit_code == 2
+    line = one_line(refused)
+    assert "final" in line and "inner.inner_lr=0.1" in line and "inner.inner_lr=0.5" in line, line
+    assert "objective.beta" in line and "--allow-config-change" in line, line
+    assert {p.name: p.read_bytes() for p in (out / "log.jsonl", out / "config.json")} == {
+        k: v for k, v in before.items() if k != "final"
+    }
+    assert [r["step"] for r in log(out)] == [1, 2]
+    assert load_checkpoint(out / "final")["config"].inner.inner_lr == 0.1
+
+    ok(invoke(env.args(out, "--resume", "--set", "inner.inner_lr=0.5", "--allow-config-change", steps=4)))
+    rows = log(out)
+    assert [r["step"] for r in rows] == [1, 2, 2, 3, 4]
+    assert rows[2] == {"step": 2, "event": "config_change", "changes": {"inner.inner_lr": {"from": 0.1, "to": 0.5}}}
+    history = [json.loads(line) for line in (out / "config_history.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["config"]["inner"]["inner_lr"]) for h in history] == [(0, 0.1), (2, 0.5)]
+    assert history[1]["changes"] == {"inner.inner_lr": {"from": 0.1, "to": 0.5}}
+    assert load_checkpoint(out / "final")["config"].inner.inner_lr == 0.5
+
+    # The run's length is not a config change; resuming with the config in force records nothing new.
+    ok(invoke(env.args(out, "--resume", "--set", "inner.inner_lr=0.5", steps=5)))
+    assert [r["step"] for r in log(out)] == [1, 2, 2, 3, 4, 5]
+    assert len((out / "config_history.jsonl").read_text().splitlines()) == 2
+
+
 # ------------------------------------------------------------------------------------------ RNG, atomic writes
 
 

@@ -317,6 +317,14 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the latest valid checkpoint in --out.")
     ] = False,
+    allow_config_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-config-change",
+            help="With --resume: continue with a config that differs from the checkpoint's (refused otherwise); "
+            "the change is recorded with its step in log.jsonl and config_history.jsonl.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     init_peft: Annotated[
         Path | None,
@@ -398,7 +406,9 @@ def train(
                     f"β·KL/NLL {record['beta_kl_over_nll']:.2g}",
                 )
 
-            final = meta_train_run(method_obj, task_list, out, info, resume=resume, progress=show)
+            final = meta_train_run(
+                method_obj, task_list, out, info, resume=resume, progress=show, allow_config_change=allow_config_change
+            )
         if main:
             console.print(f"final θ: {final}")
 

@@ -3,13 +3,18 @@
 final θ.
 
     OUT/.lock                   held (fcntl.flock) while a run writes here: a second run fails at once
-    OUT/config.json             the run's config, method, model, tasks and versions
-    OUT/log.jsonl               one line per meta-step: losses, KL, β·KL / NLL, gradient norm
+    OUT/config.json             the run's config (as of its latest start), method, model, tasks and versions
+    OUT/config_history.jsonl    every config the run has used, each with the meta-step it took over after
+    OUT/log.jsonl               one line per meta-step: losses, KL, β·KL / NLL, gradient norm; and a line
+                                {"step", "event": "config_change", "changes"} where a resume changed the config
     OUT/checkpoints/step-NNNNNN checkpoints for resuming (the latest valid one is used)
     OUT/final                   the trained θ (a checkpoint folder), written when the run completes
 
 Meta-batches are a pure function of (seed, step), so a resumed run draws the same episodes as an
-uninterrupted one. Reliability:
+uninterrupted one. A resumed run must have the config of the checkpoint it continues (up to the run's length
+and checkpoint interval, :data:`RESUMABLE_FIELDS`); a different one is refused with :class:`ConfigError`
+naming the fields, unless ``allow_config_change`` accepts it, and then the change is recorded with its step.
+Reliability:
 
 - every checkpoint is written to a temporary folder, fsynced and renamed into place; one that fails its
   checksums is skipped with a warning and the previous one is used;
@@ -57,7 +62,11 @@ logger = logging.getLogger("abmll.runner")
 KEEP_CHECKPOINTS = 2
 LOCK_FILE = ".lock"
 #: Names of the temporary files and folders a killed run may leave behind (removed when a run starts).
-_PARTIAL_PREFIXES = (".step-", ".trash-", ".final.", ".log.jsonl.", ".config.json.")
+_PARTIAL_PREFIXES = (".step-", ".trash-", ".final.", ".log.jsonl.", ".config.json.", ".config_history.jsonl.")
+#: Config fields a resumed run may change without ``allow_config_change``: they set how long the run goes on
+#: and how often it checkpoints, never what a meta-step computes.
+RESUMABLE_FIELDS = ("meta.meta_steps", "meta.checkpoint_every")
+CONFIG_HISTORY = "config_history.jsonl"
 _held_locks: dict[str, int] = {}
 
 
@@ -181,21 +190,63 @@ def _prune(folder: Path) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of meta-steps ≤ ``step`` (those the restored state has taken); a line cut short by
-    a kill is dropped with a warning."""
+    """Keep the log lines of meta-steps ≤ ``step`` (those the restored state has taken) and the events before
+    ``step`` (an event at ``step`` belongs to the start that is being replaced); a line cut short by a kill is
+    dropped with a warning."""
     kept: list[str] = []
     if path.exists():
         for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                line_step = int(json.loads(line)["step"])
+                record = json.loads(line)
+                line_step = int(record["step"])
             except (ValueError, KeyError, TypeError):
                 logger.warning("%s: dropping unreadable line %d (cut short by an interrupted run?)", path, n)
                 continue
-            if line_step <= step:
+            if line_step < step or (line_step == step and "event" not in record):
                 kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: ABMLLConfig, new: ABMLLConfig) -> dict[str, dict[str, Any]]:
+    """``{field: {"from", "to"}}`` for every dotted config field whose value differs between two configs."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    return {k: {"from": a.get(k), "to": b.get(k)} for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _record_config(out: Path, step: int, config: ABMLLConfig, changes: dict[str, Any] | None) -> None:
+    """Keep the history entries before ``step`` and append this start's config unless it is the one in force
+    (up to :data:`RESUMABLE_FIELDS`); a change is also written to ``log.jsonl`` (after :func:`_truncate_log`)."""
+    path = out / CONFIG_HISTORY
+    entries: list[dict[str, Any]] = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                if int(entry["step"]) < step:
+                    entries.append(entry)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+    def computing(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in _flat(values).items() if k not in RESUMABLE_FIELDS}
+
+    if not entries or computing(entries[-1].get("config") or {}) != computing(config.to_dict()):
+        entries.append({"step": step, "config": config.to_dict(), **({"changes": changes} if changes else {})})
+    write_text_atomic(path, "".join(json.dumps(e) + "\n" for e in entries))
+    if changes:
+        with open(out / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "event": "config_change", "changes": changes}) + "\n")
 
 
 def _sampler_info(config: ABMLLConfig, tasks: list[Task]) -> dict[str, Any]:
@@ -221,7 +272,8 @@ def _save(method: Method, path: Path, info: dict[str, Any], sampler: dict[str, A
     save_checkpoint(path, method.state_dict(), method.config, info, {**tensors, **rng_tensors}, values)
 
 
-def _restore(method: Method, ckpt: Path, sampler: dict[str, Any]) -> None:
+def _restore(method: Method, ckpt: Path, sampler: dict[str, Any], allow_config_change: bool) -> dict[str, Any]:
+    """Load ``ckpt`` into ``method``; returns the config fields this run changes (empty when none)."""
     state = load_checkpoint(ckpt, trainer=True)
     check_fits(state["theta"], method.state_dict(), str(ckpt))
     tensors, values = state["trainer_tensors"], state["trainer_values"]
@@ -235,6 +287,16 @@ def _restore(method: Method, ckpt: Path, sampler: dict[str, Any]) -> None:
                 f"{ckpt}: was trained with {was}, but this run has {now}; resume with the same tasks, seed and "
                 "episode sizes, or choose another output folder"
             )
+    changes = config_changes(state["config"], method.config)
+    changed = {k: v for k, v in changes.items() if k not in RESUMABLE_FIELDS}
+    if changed and not allow_config_change:
+        was = ", ".join(f"{k}={v['from']!r}" for k, v in changed.items())
+        now = ", ".join(f"{k}={v['to']!r}" for k, v in changed.items())
+        raise ConfigError(
+            f"{ckpt}: the run was trained with {was}, but this run has {now}; resume with the run's config, or "
+            "accept the change explicitly (abmll train --allow-config-change, allow_config_change=True): it is "
+            f"then recorded with its step in log.jsonl and {CONFIG_HISTORY}"
+        )
     try:
         method.load_state_dict(state["theta"])
         method.load_trainer_state(tensors, values)
@@ -243,6 +305,7 @@ def _restore(method: Method, ckpt: Path, sampler: dict[str, Any]) -> None:
             set_rng_state(tensors, values["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{ckpt}: trainer state could not be restored ({type(exc).__name__}: {exc})") from None
+    return changed
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -253,8 +316,13 @@ def meta_train_run(
     info: dict[str, Any],
     resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    allow_config_change: bool = False,
 ) -> Path:
     """Meta-train ``method`` on ``tasks`` into ``out_dir``; returns the folder of the final θ.
+
+    With ``resume``, a config that differs from the checkpoint's (beyond :data:`RESUMABLE_FIELDS`) raises
+    :class:`ConfigError` naming the fields, unless ``allow_config_change``: then the run continues with it and
+    the change is recorded with its step in ``log.jsonl`` and ``config_history.jsonl``.
 
     Raises :class:`RunLockedError` when another run writes into ``out_dir``, :class:`NonFiniteError` on a
     NaN/Inf loss or gradient (``meta.nonfinite = "stop"``) and :class:`RunInterrupted` after SIGINT/SIGTERM;
@@ -265,7 +333,7 @@ def meta_train_run(
     ``progress`` is called on rank 0 only. Every rank returns once ``final`` is written."""
     main = is_main_process()
     with run_lock(out_dir) if main else nullcontext(Path(out_dir)) as out, stop_requests() as stop:
-        final = _run(method, tasks, out, info, resume, progress if main else None, stop, main)
+        final = _run(method, tasks, out, info, resume, progress if main else None, stop, main, allow_config_change)
     barrier()
     return final
 
@@ -279,16 +347,18 @@ def _run(
     progress: Callable[[dict[str, Any]], None] | None,
     stop: list[int],
     main: bool = True,
+    allow_config_change: bool = False,
 ) -> Path:
     config: ABMLLConfig = method.config
     total = config.meta.meta_steps
     if main:
         _remove_partial(out)
     sampler_info = _sampler_info(config, tasks)
+    changes: dict[str, Any] = {}
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
-            _restore(method, ckpt, sampler_info)
+            changes = _restore(method, ckpt, sampler_info, allow_config_change)
             logger.info("resumed from %s at step %d", ckpt, method.step)
         elif _candidates(out):
             raise CheckpointError(
@@ -300,6 +370,9 @@ def _run(
     log_path = out / "log.jsonl"
     if main:  # other ranks write nothing (abmll.distributed)
         _truncate_log(log_path, method.step)  # the log matches the restored state
+        _record_config(out, method.step, config, changes)
+        if changes:
+            logger.warning("config changed at meta-step %d: %s", method.step, changes)
         write_json_atomic(
             out / "config.json",
             {**info, "config": config.to_dict(), "tasks": [t.name for t in tasks], "versions": versions()},
