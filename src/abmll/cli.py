@@ -573,11 +573,20 @@ def _run_comparison(
     out: Path,
     resume: bool,
     k: int = 16,
+    device: str = "auto",
+    config: Path | None = None,
+    sets: list[str] | None = None,
 ) -> None:
     import time
 
     from abmll.compare import from_preset, run_comparison
+    from abmll.config import ABMLLConfig
 
+    # Config, overrides and device are checked before the data or the model is touched.
+    shared = ABMLLConfig.load(config) if config is not None else None
+    overrides = _parse_sets(sets)
+    (ABMLLConfig() if shared is None else shared).override(overrides)
+    run_device = str(_device(device))
     if data is None:
         from abmll.suite import build_suite
 
@@ -590,6 +599,8 @@ def _run_comparison(
     if k < 1:
         raise ConfigError(f"--k {k} is invalid: expected an integer ≥ 1")
     comparison.k = k
+    comparison.config = (comparison.config if shared is None else shared).override(overrides)  # --config: instead
+    comparison.device = run_device
     start = time.perf_counter()
     with _progress() as bar:
         job = bar.add_task("starting", total=None)
@@ -624,10 +635,21 @@ def compare(
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (default: the preset's).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
     k: Annotated[int, typer.Option("--k", help="Support examples per test task (k-shot).")] = 16,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="A YAML or JSON config shared by every method (instead of the preset's)."),
+    ] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Run several methods on the same tasks, support sets, scorer and budget, and write a report."""
+    """Run several methods on the same tasks, support sets, scorer and budget, and write a report. The preset
+    gives the seeds, the query-set cap, the setting and the shared config; --config replaces that config, --set
+    overrides its fields, and the model is loaded in its compute.dtype on --device."""
     with _errors():
-        _run_comparison(methods, _value(preset), data, setting, model, seeds, out, resume, k)
+        _run_comparison(
+            methods, _value(preset), data, setting, model, seeds, out, resume, k, device=device, config=config,
+            sets=sets,
+        )  # fmt: skip
 
 
 @app.command()
@@ -635,13 +657,20 @@ def demo(
     preset: PresetOpt = Budget.quick,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default runs/demo-PRESET).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="A YAML or JSON config shared by every method (instead of the preset's)."),
+    ] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
-    """ABMLL against regular LoRA and zero-shot on the embedded SmolLM2-135M and the built-in suite."""
+    """ABMLL against regular LoRA and zero-shot on the embedded SmolLM2-135M and the built-in suite (the model in
+    the config's compute.dtype on --device)."""
     with _errors():
         _run_comparison(
             "zero-shot,lora,abmll", _value(preset), None, None, None, None, out or Path(f"runs/demo-{_value(preset)}"),
-            resume,
-        )
+            resume, device=device, config=config, sets=sets,
+        )  # fmt: skip
 
 
 ExportCheckpointOpt = Annotated[

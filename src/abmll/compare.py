@@ -103,6 +103,9 @@ class Comparison:
     query_size: int | None = None
     model: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``; None: where it loads); its dtype and
+    #: quantisation are the config's ``compute`` section.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -181,7 +184,12 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
     start = time.perf_counter()
     overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
     config = comparison.config.override({**overrides, "seed": seed})
-    model, tokenizer = load_model(comparison.model)
+    compute = config.compute
+    model, tokenizer = load_model(
+        comparison.model, dtype=compute.dtype, quantization=compute.quantization, device=comparison.device
+    )
+    if comparison.device is not None and compute.quantization == "none":  # quantised weights are placed on load
+        model.to(comparison.device)
     method = create_method(method_name, model, Scorer(tokenizer, config.scoring), config)
     model_name = comparison.model or DEFAULT_MODEL
     info = {"method": method_name, "model": model_name, "data": portable_path(comparison.data_dir)}
