@@ -106,9 +106,10 @@ def _scores(model, scorer, phi, examples):
 # --- Reptile -----------------------------------------------------------------------------------------
 def test_reptile_update_equals_hand_formula(toy_examples):
     eps = 0.3
-    config = make_config(**{"meta.outer_lr": eps, "inner.inner_lr": 0.5, "inner.inner_steps": 3})
+    config = make_config(**{"reptile.epsilon": eps, "inner.inner_lr": 0.5, "reptile.inner_steps": 3})
     model, scorer = adapted_tiny(config)
     method = Reptile(model, scorer, config)
+    assert config.inner.inner_steps != 3 and config.meta.outer_lr != eps  # Reptile's own settings are used
     _perturb(method.theta, 1)
     theta0 = _snapshot(method.theta)
     episode = _episode(toy_examples)
@@ -131,7 +132,7 @@ def test_reptile_update_equals_hand_formula(toy_examples):
 
 def test_reptile_moves_theta_toward_the_mean_of_the_tasks(toy_examples):
     eps = 0.5
-    config = make_config(**{"meta.outer_lr": eps, "inner.inner_lr": 0.5, "inner.inner_steps": 2})
+    config = make_config(**{"reptile.epsilon": eps, "inner.inner_lr": 0.5, "inner.inner_steps": 2})
     model, scorer = adapted_tiny(config)
     method = Reptile(model, scorer, config)
     _perturb(method.theta, 2)
@@ -149,6 +150,23 @@ def test_reptile_moves_theta_toward_the_mean_of_the_tasks(toy_examples):
     for key, value in method.theta.items():
         mean = (phis[0][key].detach() + phis[1][key].detach()) / 2
         torch.testing.assert_close(value.detach(), theta0[key] + eps * (mean - theta0[key]), rtol=1e-6, atol=1e-7)
+
+
+def test_reptile_with_its_own_epsilon_differs_from_lora_task(toy_examples):
+    """Reptile at its default ε (reptile.epsilon) moves θ enough that its adapted predictions on an unseen task
+    differ from those of a fresh LoRA (lora-task) with the same seed; at ε = meta.outer_lr = 1e-3, as before ε
+    was Reptile's own setting, they were within 5e-4."""
+    config = make_config(**{"inner.inner_lr": 0.5})
+    tasks = [family_task(f"t{i}", [PAIRS[i], PAIRS[i + 1]], 16, seed=i) for i in range(4)]
+    sampler = MetaBatchSampler(tasks, k=4, query_size=4, meta_batch_size=2, seed=0)
+    unseen = family_task("unseen", PAIRS[6:8], 12, seed=9).examples
+    probs = {}
+    for name in ("reptile", "lora-task"):
+        model, scorer = adapted_tiny(config)
+        method = create_method(name, model, scorer, config)
+        method.meta_train(sampler, steps=5)
+        probs[name] = method.predict(method.adapt(unseen[:4], seed=0), unseen[4:], seed=0)
+    assert float((probs["reptile"] - probs["lora-task"]).abs().max()) > 0.02
 
 
 # --- MAML --------------------------------------------------------------------------------------------
@@ -180,7 +198,7 @@ def test_maml_second_order_gradient_equals_autograd_through_the_unrolled_inner_l
     norm = 0.0
     for key, g in zip(theta, expected, strict=True):
         if g is None:  # σ factors: unused by a deterministic LoRA
-            assert key.endswith(("sigma_A", "sigma_B")) and torch.count_nonzero(got[key]) == 0
+            assert key.endswith(("sigma_A", "sigma_B", "sigma_scale")) and torch.count_nonzero(got[key]) == 0
             continue
         torch.testing.assert_close(got[key], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()))
         norm += float(g.norm())

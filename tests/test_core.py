@@ -221,16 +221,19 @@ def test_inner_steps_lower_the_support_loss(toy_examples):
         micro_batch_size=4,
         losses=losses,
     )
-    assert len(losses) == 8
-    assert losses[-1] < losses[0] - 0.1, losses
+    assert len(losses) == 9  # before each of the 8 steps, then after the last one
+    assert losses[-1] < losses[-2] < losses[0] - 0.1, losses
 
 
 def _episode(examples):
     return Episode("toy", examples[:6], examples[6:])
 
 
-def test_first_order_gradient_equals_hand_reference(toy_examples):
-    config = make_config(**{"objective.beta": 1e-3, "inner.inner_lr": 0.3})
+@pytest.mark.parametrize("order", ["first_order", "straight_through_kl"])
+def test_first_order_gradient_equals_hand_reference(toy_examples, order):
+    """first_order: ∂NLL/∂φᴷ straight to θ, plus β ∂KL/∂θ at φᴷ held fixed (empirical Bayes);
+    straight_through_kl: ∂/∂φᴷ of NLL + β KL straight to θ, plus β ∂KL/∂θ."""
+    config = make_config(**{"objective.beta": 1e-3, "inner.inner_lr": 0.3, "inner.order": order})
     model, scorer = adapted_tiny(config)
     method = ABMLL(model, scorer, config)
     _perturb(method.theta, 6)
@@ -240,7 +243,7 @@ def test_first_order_gradient_equals_hand_reference(toy_examples):
     method.task_outer_backward(episode, step=0, task_index=0, weight=1.0)
     got = {k: p.grad.clone() for k, p in method.theta.items()}
 
-    # Reference on copies: φᴷ from the same ε, then ∂/∂φ and ∂/∂θ of NLL(Q; φ) + β KL(φ ‖ θ), summed.
+    # Reference on copies: φᴷ from the same ε, then the partials ∂/∂φ and ∂/∂θ.
     from abmll.methods.abmll import _INNER
 
     phi_k = method.inner_loop(episode.support, lambda k: method._seeds(_INNER, 0, 0, k, count=1), 2)
@@ -249,12 +252,51 @@ def test_first_order_gradient_equals_hand_reference(toy_examples):
     (seed,) = method._seeds(_OUTER, 0, 0, count=1)
     with posterior(model, phi), weight_sample(model, seed):
         nll = scorer.nll(model, episode.query)
-    loss = nll + 1e-3 * kl_divergence(phi, theta, method.layers)
-    g_phi = torch.autograd.grad(loss, list(phi.values()), retain_graph=True)
-    g_theta = torch.autograd.grad(loss, list(theta.values()))
+    kl = 1e-3 * kl_divergence(phi, theta, method.layers)
+    g_phi = torch.autograd.grad(
+        nll + kl if order == "straight_through_kl" else nll, list(phi.values()), retain_graph=True
+    )
+    g_theta = torch.autograd.grad(kl, list(theta.values()))
     for key, gp, gt in zip(phi, g_phi, g_theta, strict=True):
         expected = gp + gt  # float32 sums in another order: tolerance relative to the largest entry
         torch.testing.assert_close(got[key], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_kl_pull_on_the_prior_mean_is_the_direct_partial_and_cancels_when_sent_straight_through():
+    """The KL's gradient on μθ: with the first-order (empirical-Bayes) estimator it is the analytic direct partial
+    ∂KL/∂μθ = (μθ − μφ)/σθ² carried to the factors (∂/∂B_μ = s·G A_μᵀ, ∂/∂A_μ = s·B_μᵀ G); with
+    straight_through_kl the φ- and θ-partials of the mean cancel: exactly on the dense μ, and up to second order in
+    φᴷ − θ on the factors."""
+    from abmll.objectives import outer_kl_backward
+
+    pulls = {}
+    for order in ("first_order", "straight_through_kl"):
+        config = make_config()
+        model, _ = adapted_tiny(config)
+        theta = prior(model)
+        _perturb(theta, 11)
+        phi = {k: v.detach().clone() for k, v in theta.items()}
+        _perturb(phi, 12, scale=1e-4)  # an adapted posterior near the prior, as after a few inner steps
+        phi_st = {k: theta[k] + (phi[k] - theta[k]).detach() for k in theta}
+        for p in theta.values():
+            p.grad = None
+        layers = bayes_layers(model)
+        outer_kl_backward(phi if order == "first_order" else phi_st, theta, layers, 1.0, order)
+        pulls[order] = {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for k, p in theta.items()}
+        if order == "first_order":
+            for name, layer in layers.items():
+                f = {n: theta[f"{name}.{n}"].detach() for n in ("mu_A", "mu_B", "sigma_A", "sigma_B", "sigma_scale")}
+                q = {n: phi[f"{name}.{n}"] for n in f}
+                G = (layer.mean(f) - layer.mean(q)) / layer.sigma(f).square()
+                for factor, expected in (("mu_B", G @ f["mu_A"].T), ("mu_A", f["mu_B"].T @ G)):
+                    expected = layer.scaling * expected
+                    atol = 1e-5 * float(expected.abs().max())
+                    torch.testing.assert_close(pulls[order][f"{name}.{factor}"], expected, rtol=1e-4, atol=atol)
+    mean_keys = [k for k in pulls["first_order"] if k.endswith(("mu_A", "mu_B"))]
+    first = torch.cat([pulls["first_order"][k].flatten() for k in mean_keys])
+    straight = torch.cat([pulls["straight_through_kl"][k].flatten() for k in mean_keys])
+    assert first.norm() > 0
+    assert straight.norm() <= 1e-2 * first.norm()
 
 
 def test_second_order_gradient_reaches_theta_and_differs_from_first_order(toy_examples):

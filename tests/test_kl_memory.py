@@ -10,8 +10,8 @@ import torch
 from conftest import adapted_tiny, make_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from abmll.bayes import bayes_layers, clone_factors, posterior, prior, weight_sample
-from abmll.inner import chunks, likelihood, straight_through, support_gradient
+from abmll.bayes import FACTORS, bayes_layers, clone_factors, posterior, prior, weight_sample
+from abmll.inner import chunks, likelihood, step_sizes, straight_through, support_gradient
 from abmll.methods.abmll import _INNER, _OUTER, ABMLL
 from abmll.objectives import LayerwiseGrad, gaussian_kl, kl_divergence, log_hyperprior
 from abmll.plan import measure_peak
@@ -31,8 +31,8 @@ def _summed_kl(phi: dict, theta: dict, layers: dict) -> torch.Tensor:
     """The previous implementation: the float32 KL of every layer added into one scalar before any backward."""
     terms = []
     for name, layer in layers.items():
-        q = {f: phi[f"{name}.{f}"].float() for f in ("mu_A", "mu_B", "sigma_A", "sigma_B")}
-        p = {f: theta[f"{name}.{f}"].float() for f in ("mu_A", "mu_B", "sigma_A", "sigma_B")}
+        q = {f: phi[f"{name}.{f}"].float() for f in FACTORS}
+        p = {f: theta[f"{name}.{f}"].float() for f in FACTORS}
         terms.append(gaussian_kl(layer.mean(q), layer.sigma(q), layer.mean(p), layer.sigma(p)))
     return torch.stack(terms).sum()
 
@@ -51,7 +51,8 @@ def _reference_outer_backward(method: ABMLL, episode: Episode, second: bool, wei
         _, grads = support_gradient(model, phi, prior_side, episode.support, scorer, seeds, 0.0, micro, second)
         kl = method.beta * _summed_kl(phi, prior_side, layers)
         grads = [g + h for g, h in zip(grads, torch.autograd.grad(kl, params, create_graph=second), strict=True)]
-        new = {n: p - inner.inner_lr * g for (n, p), g in zip(phi.items(), grads, strict=True)}
+        rates = step_sizes(list(phi), inner.inner_lr, inner.sigma_lr)
+        new = {n: p - a * g for (n, p), g, a in zip(phi.items(), grads, rates, strict=True)}
         phi = new if second else {n: v.detach().requires_grad_(True) for n, v in new.items()}
     if not second:
         phi = straight_through(phi, theta)
@@ -65,7 +66,9 @@ def _reference_outer_backward(method: ABMLL, episode: Episode, second: bool, wei
                 for chunk in chunks(outer, micro):
                     nll = scorer.nll(model, chunk) * (len(chunk) / (len(outer) * len(seeds)))
                     (nll * weight).backward(retain_graph=second)
-    (method.beta * _summed_kl(phi, theta, layers) * weight).backward()
+    # first order: the KL's direct partial on θ at φᴷ held fixed (the empirical-Bayes gradient)
+    phi_kl = phi if second else {k: v.detach() for k, v in phi.items()}
+    (method.beta * _summed_kl(phi_kl, theta, layers) * weight).backward()
 
 
 def _method(order: str, targets="all-linear") -> ABMLL:

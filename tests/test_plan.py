@@ -99,8 +99,8 @@ def test_shipped_configs_have_the_public_parameter_counts(name, base, hidden, kv
     assert _count(model) == base
     inject(model, BayesLoRAConfig(rank=8))
     theta = sum(p.numel() for p in prior(model).values())
-    # q_proj [hidden → hidden] and v_proj [hidden → kv] per layer, four factors of rank 8 each
-    assert theta == layers * 2 * 8 * ((hidden + hidden) + (hidden + kv))
+    # q_proj [hidden → hidden] and v_proj [hidden → kv] per layer, four factors of rank 8 each and one log-scale λ
+    assert theta == layers * 2 * 8 * ((hidden + hidden) + (hidden + kv)) + layers * 2
 
 
 def test_config_sources(tmp_path):

@@ -33,7 +33,9 @@ def _episodes() -> list[Episode]:
 
 
 def _method(**overrides) -> ABMLL:
-    base = {"objective.beta": 1e-3, "lora.sigma_init": 0.05, "inner.inner_lr": 0.05}
+    # σ's factors take the mean's step size here: at σ = 0.05 the default α_σ = 10 moves log σ by tenths per inner
+    # step, and the KL after the inner loop then differs by about 13 % between bfloat16 and float32 gradients.
+    base = {"objective.beta": 1e-3, "lora.sigma_init": 0.05, "inner.inner_lr": 0.05, "inner.sigma_lr": None}
     config = make_config(**{**base, **overrides})
     model, scorer = adapted_tiny(config)
     method = ABMLL(model, scorer, config)
@@ -61,7 +63,7 @@ def test_low_precision_meta_step_is_close_to_float32_with_kl_in_float32(dtype, m
 
         return kl
 
-    monkeypatch.setattr(abmll.methods.abmll, "kl_divergence", recording(abmll.methods.abmll.kl_divergence))
+    monkeypatch.setattr(abmll.objectives, "kl_divergence", recording(abmll.objectives.kl_divergence))
     monkeypatch.setattr(abmll.inner, "kl_divergence", recording(abmll.inner.kl_divergence))
 
     reference = _method()

@@ -279,7 +279,8 @@ def load_checkpoint(directory: str | Path, trainer: bool = False) -> dict[str, A
     try:
         info = json.loads((directory / name).read_text(encoding="utf-8"))
         config = ABMLLConfig.from_dict(info.pop("config"), source=str(directory / name))
-        out: dict[str, Any] = {"theta": load_file(str(directory / PRIOR_FILE)), "config": config, "info": info}
+        theta = with_sigma_scale(load_file(str(directory / PRIOR_FILE)))
+        out: dict[str, Any] = {"theta": theta, "config": config, "info": info}
         if trainer:
             out["trainer_tensors"] = load_file(str(directory / TRAINER_TENSORS))
             out["trainer_values"] = json.loads((directory / TRAINER_JSON).read_text(encoding="utf-8"))
@@ -287,6 +288,17 @@ def load_checkpoint(directory: str | Path, trainer: bool = False) -> dict[str, A
                 raise TypeError(f"{TRAINER_JSON} is not a JSON object")
     except Exception as exc:  # noqa: BLE001 - a checkpoint that passed its checksum but does not parse
         raise CheckpointError(f"{directory}: could not be read ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def with_sigma_scale(theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ with a zero log-scale λ (``sigma_scale``) for every layer that has none: checkpoints written before λ
+    existed had σ = g(B_σ A_σ + o) + c, which is eq. 2 with λ = 0."""
+    out = dict(theta)
+    for key, tensor in theta.items():
+        module, _, factor = key.rpartition(".")
+        if factor == "mu_A" and f"{module}.sigma_scale" not in theta:
+            out[f"{module}.sigma_scale"] = torch.zeros((), dtype=tensor.dtype)
     return out
 
 

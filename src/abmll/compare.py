@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "query_size": 8,
         "config": {
             "meta.meta_steps": 2, "meta.meta_batch_size": 1, "meta.support_size": 2, "meta.query_size": 2,
-            "inner.inner_steps": 1, "inner.test_inner_steps": 1, "predict.samples": 2, "scoring.max_length": 128,
+            "inner.inner_steps": 2, "inner.test_inner_steps": 1, "predict.samples": 2, "scoring.max_length": 128,
             "scoring.length_norm": "token", "meta.checkpoint_every": 1, "meta.micro_batch_size": 16,
         },
     },
@@ -72,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "query_size": 24,
         "config": {
             "meta.meta_steps": 10, "meta.meta_batch_size": 2, "meta.support_size": 4, "meta.query_size": 4,
-            "inner.inner_steps": 1, "inner.test_inner_steps": 3, "predict.samples": 2, "scoring.max_length": 128,
+            "inner.inner_steps": 2, "inner.test_inner_steps": 3, "predict.samples": 2, "scoring.max_length": 128,
             "scoring.length_norm": "token", "meta.checkpoint_every": 4, "meta.micro_batch_size": 8,
         },
     },
@@ -82,7 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "query_size": 100,
         "config": {
             "meta.meta_steps": 10, "meta.meta_batch_size": 2, "meta.support_size": 4, "meta.query_size": 4,
-            "inner.inner_steps": 1, "inner.test_inner_steps": 4, "predict.samples": 2, "scoring.max_length": 128,
+            "inner.inner_steps": 2, "inner.test_inner_steps": 4, "predict.samples": 2, "scoring.max_length": 128,
             "scoring.length_norm": "token", "meta.checkpoint_every": 4, "meta.micro_batch_size": 8,
         },
     },

@@ -17,7 +17,7 @@ from typing import Any
 from abmll.errors import ConfigError
 
 SIGMA_TRANSFORMS = ("abs", "softplus", "exp")
-GRADIENT_ORDERS = ("first_order", "second_order")
+GRADIENT_ORDERS = ("first_order", "straight_through_kl", "second_order")
 OUTER_DATA = ("query", "support+query")
 SCORERS = ("option", "label")
 LENGTH_NORMS = ("none", "token", "char")
@@ -62,8 +62,12 @@ class BayesLoRAConfig:
         },
     )
     sigma_transform: str = field(
-        default="softplus",
-        metadata={"help": "g in σ = g(B_σ A_σ + o) + c: 'abs' (paper-literal), 'softplus' or 'exp'."},
+        default="exp",
+        metadata={
+            "help": "g in σ = e^λ · g(B_σ A_σ + o) + c: 'exp' (log-σ, ABML's choice: σ moves by relative amounts), "
+            "'abs' (paper-literal; no gradient where B_σ A_σ + o = 0) or 'softplus' (its gradient is scaled by σ "
+            "itself far in its left tail)."
+        },
     )
     sigma_floor: float = field(default=1e-8, metadata={"help": "c: floor added to every entry of σ."})
     sigma_init: float = field(
@@ -191,13 +195,29 @@ class InnerConfig:
     test_inner_steps: int = field(
         default=10, metadata={"help": "K_test: SGD steps from θ on an unseen task."}
     )
-    inner_lr: float = field(default=0.1, metadata={"help": "α: inner-loop SGD learning rate."})
+    inner_lr: float = field(default=0.1, metadata={"help": "α: inner-loop SGD learning rate of the mean factors."})
+    sigma_lr: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "α_σ: inner-loop SGD learning rate of the σ factors (B_σ, A_σ, λ). The likelihood's gradient on "
+            "log σ scales with σ, so at a useful σ (1e-3) the mean's α leaves σ where it is; null uses α."
+        },
+    )
+    test_inner_lr: float | None = field(
+        default=None,
+        metadata={"help": "α at test time (K_test steps on an unseen task's support set); null uses inner_lr."},
+    )
     inner_samples: int = field(
         default=1, metadata={"help": "Weight samples ε averaged in each inner step's Monte Carlo estimate."}
     )
     order: str = field(
         default="first_order",
-        metadata={"help": "'first_order' (no graph through the inner loop) or 'second_order'."},
+        metadata={
+            "help": "Gradient of the outer loss to θ: 'first_order' (the likelihood straight through φᴷ, the KL and "
+            "hyperprior by their direct partials at φᴷ: the empirical-Bayes gradient), 'straight_through_kl' (the "
+            "KL's φ-gradient straight through as well, which cancels its pull on μθ; for ablation) or "
+            "'second_order' (through the K inner steps)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -219,6 +239,10 @@ class InnerConfig:
             self.inner_lr,
             "a finite number > 0",
         )
+        for name in ("sigma_lr", "test_inner_lr"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(_num(value, 0, strict=True), f"inner.{name}", value, "a finite number > 0 or null")
         _check(
             _int(self.inner_samples, 1),
             "inner.inner_samples",
@@ -234,7 +258,14 @@ class MetaConfig:
 
     meta_steps: int = field(default=100, metadata={"help": "Number of outer (meta) optimiser steps."})
     meta_batch_size: int = field(default=4, metadata={"help": "T: tasks per meta-batch."})
-    outer_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate on θ."})
+    outer_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate on θ's mean factors."})
+    sigma_lr: float | None = field(
+        default=1e-2,
+        metadata={
+            "help": "AdamW learning rate on θ's σ factors (B_σ, A_σ, λ); null uses outer_lr. AdamW moves λ = log σ by "
+            "about this much per meta-step."
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on θ."})
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Clip θ's gradient norm; None disables."}
@@ -267,6 +298,8 @@ class MetaConfig:
         _check(
             _num(self.outer_lr, 0, strict=True), "meta.outer_lr", self.outer_lr, "a finite number > 0"
         )
+        if self.sigma_lr is not None:
+            _check(_num(self.sigma_lr, 0, strict=True), "meta.sigma_lr", self.sigma_lr, "a finite number > 0 or null")
         _check(_num(self.weight_decay, 0), "meta.weight_decay", self.weight_decay, "a finite number ≥ 0")
         if self.max_grad_norm is not None:
             _check(
@@ -277,6 +310,23 @@ class MetaConfig:
             )
         _check(self.outer_data in OUTER_DATA, "meta.outer_data", self.outer_data, f"one of {OUTER_DATA}")
         _check(self.nonfinite in NONFINITE, "meta.nonfinite", self.nonfinite, f"one of {NONFINITE}")
+
+
+@dataclass
+class ReptileConfig:
+    """Reptile's own settings (METHOD.md section 6): θ ← θ + ε (mean_i φ_iᴷ − θ)."""
+
+    epsilon: float = field(
+        default=0.1, metadata={"help": "ε: Reptile's outer step size toward the meta-batch's mean adapted weights."}
+    )
+    inner_steps: int | None = field(
+        default=None, metadata={"help": "K of Reptile's inner loop during meta-training; null uses inner.inner_steps."}
+    )
+
+    def __post_init__(self) -> None:
+        _check(_num(self.epsilon, 0, strict=True), "reptile.epsilon", self.epsilon, "a finite number > 0")
+        if self.inner_steps is not None:
+            _check(_int(self.inner_steps, 1), "reptile.inner_steps", self.inner_steps, "an integer ≥ 1 or null")
 
 
 @dataclass
@@ -384,6 +434,7 @@ class ABMLLConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
+    reptile: ReptileConfig = field(default_factory=ReptileConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -480,20 +531,27 @@ def _section_types() -> dict[str, type]:
         "objective": ObjectiveConfig,
         "inner": InnerConfig,
         "meta": MetaConfig,
+        "reptile": ReptileConfig,
         "scoring": ScoringConfig,
         "predict": PredictConfig,
         "compute": ComputeConfig,
     }
 
 
-#: The paper's settings (METHOD.md section 3). v1: β on the task KL and γ on the hyperprior, c = e^-20;
-#: v2: one β on both terms. Both adapt with K = 10 steps at test time.
+#: The paper's settings (METHOD.md section 3) made runnable. v1: β on the task KL and γ on the hyperprior;
+#: v2: one β on both terms; both with the paper-literal σ = |B_σ A_σ| + c, c = e^-20, and K = 10 steps at test
+#: time. The paper's σ_init = c cannot train: |x| has no gradient at B_σ A_σ = 0, and the KL's curvature in μφ,
+#: β/σθ² = 1e8 (v1) to 2e10 (v2), makes any inner SGD step diverge. The presets start σ at 1e-3 (the nearest
+#: runnable form; docs/METHOD.md, "Deviations").
+PAPER_SIGMA_INIT = 1e-3
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper-v1": {
         "lora.sigma_transform": "abs",
         "lora.sigma_floor": math.exp(-20),
-        "lora.sigma_init": math.exp(-20),
+        "lora.sigma_init": PAPER_SIGMA_INIT,
+        "inner.sigma_lr": None,  # σ is not on a log scale under abs: the mean's step sizes
+        "meta.sigma_lr": None,
         "objective.beta": 5e-10,
         "objective.gamma": 1e-6,
         "inner.test_inner_steps": 10,
@@ -501,7 +559,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper-v2": {
         "lora.sigma_transform": "abs",
         "lora.sigma_floor": math.exp(-20),
-        "lora.sigma_init": math.exp(-20),
+        "lora.sigma_init": PAPER_SIGMA_INIT,
+        "inner.sigma_lr": None,
+        "meta.sigma_lr": None,
         "objective.beta": 1e-7,
         "objective.gamma": None,
         "inner.test_inner_steps": 10,

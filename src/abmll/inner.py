@@ -2,6 +2,9 @@
 
     φ⁰ = θ;   φᵏ = φᵏ⁻¹ − α ∇_φ [ NLL(S; W0 + ΔW(φ, ε)) + β · KL(q_φ ‖ p_θ) ]                  (eq. 7)
 
+with α for the mean factors and α_σ for the σ factors (B_σ, A_σ, λ): the likelihood's gradient on log σ is
+σ times its gradient on ΔW, so one α cannot serve both at a useful σ (METHOD.md §3, "Inner loop").
+
 Every weight sample ε is drawn from a seed derived from the run's seed and the sample's coordinates
 (meta-step, task, inner step, sample), never from a global generator state: the same run gives the same ε
 in one process or spread across ranks, and after a resume.
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from abmll.bayes.inject import bayes_layers, clone_factors, posterior, weight_sample
+from abmll.bayes.layer import SIGMA_FACTORS
 from abmll.objectives import LayerwiseGrad, kl_divergence
 from abmll.tasks.data import Example
 
@@ -104,13 +108,16 @@ def adapt(
     micro_batch_size: int,
     create_graph: bool = False,
     losses: list[float] | None = None,
+    sigma_lr: float | None = None,
 ) -> Factors:
-    """φᴷ by K steps of plain SGD from θ on the support set (eq. 7).
+    """φᴷ by K steps of plain SGD from θ on the support set (eq. 7), step α = ``lr`` on the mean factors and
+    α_σ = ``sigma_lr`` (default α) on the σ factors.
 
     ``seeds(k)`` gives the weight-sample seeds of step k (``[None]`` for a deterministic LoRA).
     With ``create_graph`` (second order) φᴷ stays a differentiable function of θ; otherwise φ⁰ is a
-    detached copy of θ and no graph is kept between steps. Each step's support loss is appended to
-    ``losses`` when given.
+    detached copy of θ and no graph is kept between steps. With ``losses``, the support loss before each
+    step is appended, and then the loss after the last step (at φᴷ, with the weight samples of step 0, so
+    that the first and the last value are paired): K + 1 values.
     """
     phi = dict(theta) if create_graph else clone_factors(theta)
     prior_side = theta if create_graph else {k: v.detach() for k, v in theta.items()}
@@ -120,22 +127,39 @@ def adapt(
         )
         if losses is not None:
             losses.append(value)
-        phi = sgd_step(phi, grads, lr, create_graph)
+        phi = sgd_step(phi, grads, lr, create_graph, sigma_lr)
+    if losses is not None and support and steps > 0:
+        with torch.no_grad():
+            value = float(likelihood(model, phi, support, scorer, seeds(0), micro_batch_size))
+            if beta > 0:
+                value += beta * float(kl_divergence(phi, prior_side, bayes_layers(model)))
+        losses.append(value)
     return phi
 
 
-def sgd_step(phi: Factors, grads: Sequence[torch.Tensor | None], lr: float, create_graph: bool) -> Factors:
-    """One inner step φ ← φ − α ∇ (eq. 6); with ``create_graph`` the step stays in the graph (second order),
-    else φ is detached and a fresh leaf. Factors with no gradient are kept as they are."""
+def step_sizes(names: Sequence[str], lr: float, sigma_lr: float | None) -> list[float]:
+    """The step size of each factor: α_σ (``sigma_lr``, default α) for the σ factors, α for the others."""
+    sigma = lr if sigma_lr is None else sigma_lr
+    return [sigma if n.rpartition(".")[2] in SIGMA_FACTORS else lr for n in names]
+
+
+def sgd_step(
+    phi: Factors,
+    grads: Sequence[torch.Tensor | None],
+    lr: float,
+    create_graph: bool,
+    sigma_lr: float | None = None,
+) -> Factors:
+    """One inner step φ ← φ − α ∇ (eq. 7), α_σ on the σ factors; with ``create_graph`` the step stays in the
+    graph (second order), else φ is detached and a fresh leaf. Factors with no gradient are kept as they are."""
+    rates = step_sizes(list(phi), lr, sigma_lr)
+    steps = zip(phi.items(), grads, rates, strict=True)
     if create_graph:
-        return {n: (p if g is None else p - lr * g) for (n, p), g in zip(phi.items(), grads, strict=True)}
+        return {n: (p if g is None else p - a * g) for (n, p), g, a in steps}
     with torch.no_grad():
-        return {
-            n: (p if g is None else p - lr * g).detach().requires_grad_(True)
-            for (n, p), g in zip(phi.items(), grads, strict=True)
-        }
+        return {n: (p if g is None else p - a * g).detach().requires_grad_(True) for (n, p), g, a in steps}
 
 
 def straight_through(phi: Factors, theta: Factors) -> Factors:
-    """φᴷ = θ + stop_gradient(φᴷ − θ): the first-order estimator; every gradient reaching φᴷ passes to θ."""
+    """φᴷ = θ + stop_gradient(φᴷ − θ): every gradient reaching φᴷ passes to θ unchanged (first-order MAML)."""
     return {k: theta[k] + (phi[k] - theta[k]).detach() for k in theta}

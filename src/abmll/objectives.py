@@ -120,3 +120,29 @@ def log_hyperprior(
             term = term.detach()
         total = total + term
     return total
+
+
+def outer_kl_backward(
+    phi: dict[str, torch.Tensor],
+    theta: dict[str, torch.Tensor],
+    layers: dict[str, BayesLoRALinear],
+    scale: float,
+    order: str,
+) -> float:
+    """Backpropagate ``scale`` · KL(q_φᴷ ‖ p_θ) of the outer loss (eq. 8) into θ.grad; returns the KL.
+
+    - ``first_order``: the direct partial ∂KL/∂θ at φᴷ held fixed (the empirical-Bayes gradient): it pulls μθ
+      toward μφ by (μθ − μφ)/σθ² and moves σθ toward the spread of φ around it.
+    - ``straight_through_kl``: ∂KL/∂φᴷ sent straight to θ as well (``phi`` is the straight-through φᴷ); for the
+      mean the two partials cancel exactly (∂KL/∂μφ = −∂KL/∂μθ), so the KL never pulls μθ (kept for ablation).
+    - ``second_order``: ∂KL/∂φᴷ sent through the K inner steps (``phi`` carries their graph), plus ∂KL/∂θ.
+
+    Differentiated one layer at a time (:class:`LayerwiseGrad`), with φᴷ entering as a detached copy whose
+    gradient is then sent once through φᴷ's own graph."""
+    thetas = list(theta.values())
+    phi_in = {k: v.detach().requires_grad_(order != "first_order") for k, v in phi.items()}
+    inputs = thetas if order == "first_order" else [*phi_in.values(), *thetas]
+    grad = LayerwiseGrad(inputs, scale)
+    value = float(kl_divergence(phi_in, theta, layers, grad))
+    grad.backward(thetas if order == "first_order" else [*phi.values(), *thetas])
+    return value

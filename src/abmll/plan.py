@@ -5,7 +5,7 @@ The model's module tree is built on the ``meta`` device (``AutoModelForCausalLM.
 ``torch.device("meta")``: shapes, no storage), the Bayesian LoRA layers are injected exactly as
 :func:`abmll.inject` does, and the parameter counts are read off it: they are exact. Memory is split into
 
-- **persistent** parts, exact: the base weights (and buffers) in the model's dtype; θ (the four factor pairs
+- **persistent** parts, exact: the base weights (and buffers) in the model's dtype; θ (the four factor pairs and the log-scale λ
   of every adapted layer, always float32); θ's gradient; AdamW's two moments of θ;
 - **transient** parts, held only during a meta-step, found by *simulating* one meta-step on the meta device
   with :class:`LiveBytes` (a dispatch mode that adds up every storage an operator creates and subtracts it
@@ -563,7 +563,7 @@ def format_bytes(n: int) -> str:
 
 _COMPONENTS = (
     ("base_weights", "base weights", "always", "the frozen model's weights and buffers"),
-    ("theta", "θ (prior)", "always", "four factor pairs per adapted layer, float32"),
+    ("theta", "θ (prior)", "always", "four factor pairs and a log-scale per adapted layer, float32"),
     ("theta_grad", "θ gradient", "always", "float32"),
     ("optimizer", "optimiser state", "always", "AdamW's two moments of θ, float32"),
     ("posterior", "φ (posterior)", "meta-step", "φ, its gradient and the next φ in an inner update"),

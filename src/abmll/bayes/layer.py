@@ -3,10 +3,12 @@
 Per adapted layer (METHOD.md section 1), with factor pairs ``B ∈ R^{d_out×r}``, ``A ∈ R^{r×d_in}``:
 
     μ = s · B_μ A_μ                    (s = alpha / r)                          (eq. 1)
-    σ = g(B_σ A_σ + o) + c             (g ∈ {abs, softplus, exp}, floor c)      (eq. 2)
+    σ = e^λ · g(B_σ A_σ + o) + c       (g ∈ {abs, softplus, exp}, floor c)      (eq. 2)
     ΔW = μ + σ ⊙ ε,  ε ~ N(0, I)       one weight sample for the whole pass     (eq. 3)
     y = base(x) + x ΔWᵀ                the base layer's own forward is kept     (eq. 4)
 
+λ is a learnable log-scale per layer (0 at initialisation): it moves σ of the whole layer by relative amounts,
+with a gradient that sums over every entry, so σ can learn at a useful rate from any σ_init (METHOD.md §1).
 The layer's own parameters are the global prior θ. A task posterior φ (same four factors, plain tensors) is
 bound to the layer for the duration of a forward pass with :func:`abmll.bayes.inject.posterior`; the model
 is never copied. What the layer computes is set by two attributes: ``posterior`` (factors to use instead of
@@ -22,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FACTORS = ("mu_A", "mu_B", "sigma_A", "sigma_B")
+FACTORS = ("mu_A", "mu_B", "sigma_A", "sigma_B", "sigma_scale")
+#: The factors that parameterise σ (eq. 2); they may take their own step sizes (METHOD.md §3).
+SIGMA_FACTORS = ("sigma_A", "sigma_B", "sigma_scale")
 #: Prefix of every adapter parameter, so that a state dict of θ can be filtered by name.
 PREFIX = "abmll_"
 
@@ -33,17 +37,24 @@ def mean_delta(mu_A: torch.Tensor, mu_B: torch.Tensor, scaling: float) -> torch.
 
 
 def sigma_dense(
-    sigma_A: torch.Tensor, sigma_B: torch.Tensor, transform: str, offset: float, floor: float
+    sigma_A: torch.Tensor,
+    sigma_B: torch.Tensor,
+    sigma_scale: torch.Tensor,
+    transform: str,
+    offset: float,
+    floor: float,
 ) -> torch.Tensor:
-    """σ = g(B_σ A_σ + o) + c (eq. 2), dense ``[d_out, d_in]``."""
+    """σ = e^λ · g(B_σ A_σ + o) + c (eq. 2), dense ``[d_out, d_in]``; λ = ``sigma_scale``."""
     pre = sigma_B @ sigma_A + offset
     if transform == "abs":
-        return pre.abs() + floor
-    if transform == "softplus":
-        return F.softplus(pre) + floor
-    if transform == "exp":
-        return pre.exp() + floor
-    raise ValueError(f"unknown sigma transform {transform!r}")
+        g = pre.abs()
+    elif transform == "softplus":
+        g = F.softplus(pre)
+    elif transform == "exp":
+        g = pre.exp()
+    else:
+        raise ValueError(f"unknown sigma transform {transform!r}")
+    return sigma_scale.exp() * g + floor
 
 
 class BayesLoRALinear(nn.Module):
@@ -79,21 +90,23 @@ class BayesLoRALinear(nn.Module):
         self.abmll_mu_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
         self.abmll_sigma_A = nn.Parameter(torch.empty(rank, in_features, device=device))
         self.abmll_sigma_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        self.abmll_sigma_scale = nn.Parameter(torch.zeros((), device=device))
         self.reset_parameters()
         self.posterior: dict[str, torch.Tensor] | None = None
         self.noise_seed: int | None = None
         self.enabled = True
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """LoRA's initialisation: A ~ Kaiming-uniform, B = 0, so μθ = 0 and σθ = σ_init at step 0."""
+        """LoRA's initialisation: A ~ Kaiming-uniform, B = 0, λ = 0, so μθ = 0 and σθ = σ_init at step 0."""
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5) on a [r, d_in] matrix
         with torch.no_grad():
             for A, B in ((self.abmll_mu_A, self.abmll_mu_B), (self.abmll_sigma_A, self.abmll_sigma_B)):
                 A.uniform_(-bound, bound, generator=generator)
                 B.zero_()
+            self.abmll_sigma_scale.zero_()
 
     def prior_factors(self) -> dict[str, torch.Tensor]:
-        """θ of this layer as ``{"mu_A", "mu_B", "sigma_A", "sigma_B"}``."""
+        """θ of this layer as ``{"mu_A", "mu_B", "sigma_A", "sigma_B", "sigma_scale"}``."""
         return {name: getattr(self, PREFIX + name) for name in FACTORS}
 
     def factors(self) -> dict[str, torch.Tensor]:
@@ -105,7 +118,12 @@ class BayesLoRALinear(nn.Module):
 
     def sigma(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         return sigma_dense(
-            factors["sigma_A"], factors["sigma_B"], self.sigma_transform, self.sigma_offset, self.sigma_floor
+            factors["sigma_A"],
+            factors["sigma_B"],
+            factors["sigma_scale"],
+            self.sigma_transform,
+            self.sigma_offset,
+            self.sigma_floor,
         )
 
     def noise(self, seed: int, device: torch.device) -> torch.Tensor:

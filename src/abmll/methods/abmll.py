@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from abmll.bayes.inject import bayes_layers, posterior, prior, weight_sample
+from abmll.bayes.layer import SIGMA_FACTORS
 from abmll.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from abmll.config import ABMLLConfig
 from abmll.distributed import all_reduce_sum, broadcast_from_main, is_sharded, max_over_processes, world
@@ -31,7 +32,7 @@ from abmll.errors import ConfigError
 from abmll.inner import Factors, adapt, chunks, derive_seed, straight_through
 from abmll.methods.base import LogFn, MetaBatches, Method
 from abmll.models import eval_mode
-from abmll.objectives import LayerwiseGrad, kl_divergence, log_hyperprior
+from abmll.objectives import LayerwiseGrad, log_hyperprior, outer_kl_backward
 from abmll.tasks.data import Example
 
 # Tags that keep the seed streams of different uses of ε apart.
@@ -54,9 +55,13 @@ class ABMLL(Method):
         self.layers = bayes_layers(model)
         self.theta = prior(model)
         meta = config.meta
-        self.optimizer = torch.optim.AdamW(
-            list(self.theta.values()), lr=meta.outer_lr, weight_decay=meta.weight_decay
-        )
+        # Two groups: the mean factors at meta.outer_lr, the σ factors at meta.sigma_lr (METHOD.md §3).
+        sigma = [k for k in self.theta if k.rpartition(".")[2] in SIGMA_FACTORS]
+        mean = [k for k in self.theta if k not in sigma]
+        self._optimizer_order = mean + sigma
+        groups = [{"params": [self.theta[k] for k in mean]}]
+        groups.append({"params": [self.theta[k] for k in sigma], "lr": meta.sigma_lr or meta.outer_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=meta.outer_lr, weight_decay=meta.weight_decay)
 
     # --- weights samples ---------------------------------------------------------------------------
     def _seeds(self, *coords: int, count: int) -> list[int | None]:
@@ -80,14 +85,18 @@ class ABMLL(Method):
         steps: int,
         create_graph: bool = False,
         losses: list[float] | None = None,
+        lr: float | None = None,
     ) -> Factors:
+        """φᴷ: ``steps`` inner steps from θ on ``support`` (eq. 7), α = ``lr`` (default ``inner.inner_lr``)."""
+        inner = self.config.inner
         return adapt(
             self.model,
             self.theta,
             support,
             self.scorer,
             steps=steps,
-            lr=self.config.inner.inner_lr,
+            lr=inner.inner_lr if lr is None else lr,
+            sigma_lr=inner.sigma_lr,
             beta=self.beta,
             seeds=seeds,
             micro_batch_size=self.config.meta.micro_batch_size,
@@ -112,6 +121,7 @@ class ABMLL(Method):
             create_graph=second,
             losses=support_losses,
         )
+        phi_k = phi
         if not second:
             phi = straight_through(phi, self.theta)
         outer = list(episode.query)
@@ -128,13 +138,10 @@ class ABMLL(Method):
                         nll_value += float(loss.detach())
         kl_value = 0.0
         if self.beta > 0:
-            # β·KL is differentiated one layer at a time, with φᴷ entering as a detached copy, so that its
-            # gradient is sent through φᴷ's own graph (the straight-through, or the K inner steps) once at the end.
-            phi_in = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-            thetas = list(self.theta.values())
-            kl_grad = LayerwiseGrad([*phi_in.values(), *thetas], self.beta * weight)
-            kl_value = float(kl_divergence(phi_in, self.theta, self.layers, kl_grad))
-            kl_grad.backward([*phi.values(), *thetas])
+            order = self.config.inner.order
+            kl_value = outer_kl_backward(
+                phi_k if order == "first_order" else phi, self.theta, self.layers, self.beta * weight, order
+            )
         return {
             "nll": nll_value,
             "kl": kl_value,
@@ -249,11 +256,13 @@ class ABMLL(Method):
 
     # --- test time ---------------------------------------------------------------------------------
     def adapt(self, support: Sequence[Example], seed: int) -> Factors:
-        """φᴷ after K_test inner steps from θ on the support set."""
+        """φᴷ after K_test inner steps from θ on the support set, at the test-time α (``inner.test_inner_lr``)."""
+        inner = self.config.inner
         phi = self.inner_loop(
             support,
-            lambda k: self._seeds(_ADAPT, seed, k, count=self.config.inner.inner_samples),
-            self.config.inner.test_inner_steps,
+            lambda k: self._seeds(_ADAPT, seed, k, count=inner.inner_samples),
+            inner.test_inner_steps,
+            lr=inner.inner_lr if inner.test_inner_lr is None else inner.test_inner_lr,
         )
         return {k: v.detach() for k, v in phi.items()}
 
@@ -282,9 +291,9 @@ class ABMLL(Method):
                 v.copy_(state[k])
 
     def trainer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, values = optimizer_to_tensors(self.optimizer, list(self.theta))
+        tensors, values = optimizer_to_tensors(self.optimizer, self._optimizer_order)
         return tensors, {"step": self.step, "optimizer": values}
 
     def load_trainer_state(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
         self.step = int(values["step"])
-        optimizer_from_tensors(self.optimizer, list(self.theta), tensors, values["optimizer"])
+        optimizer_from_tensors(self.optimizer, self._optimizer_order, tensors, values["optimizer"])

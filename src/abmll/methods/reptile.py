@@ -8,11 +8,12 @@ meta-batch of T tasks:
 
 - The inner loop runs on the support set AND the query set of each episode: Reptile has no query loss, so
   it trains on all of the task's data the meta-batch provides (the same examples ABMLL sees per meta-step).
-  K = ``inner.inner_steps``, α = ``inner.inner_lr``.
-- ε is ``meta.outer_lr`` (there is no separate Reptile step size in the config). The update is taken by
-  plain SGD (no momentum, no weight decay, so no optimiser state) with learning rate ε on the pseudo-
-  gradient θ.grad = θ − mean_i φ_iᴷ, which gives exactly θ + ε (mean φᴷ − θ). It is not clipped:
-  ``meta.max_grad_norm`` and ``meta.weight_decay`` do not apply to Reptile.
+  K = ``reptile.inner_steps`` (default ``inner.inner_steps``), α = ``inner.inner_lr``.
+- ε is Reptile's own setting ``reptile.epsilon`` (not the AdamW rate ``meta.outer_lr`` of the other
+  meta-learners, at which θ would barely move). The update is taken by plain SGD (no momentum, no weight
+  decay, so no optimiser state) with learning rate ε on the pseudo-gradient θ.grad = θ − mean_i φ_iᴷ, which
+  gives exactly θ + ε (mean φᴷ − θ). It is not clipped: ``meta.max_grad_norm``, ``meta.weight_decay`` and
+  ``meta.outer_lr`` do not apply to Reptile.
 - Test time is the same as every LoRA baseline: K_test SGD steps from θ on the support set, then the
   mean ΔW.
 
@@ -40,12 +41,19 @@ class Reptile(StructuredLoRA):
 
     def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
         super().__init__(model, scorer, config)
-        self.optimizer = torch.optim.SGD(list(self.theta.values()), lr=config.meta.outer_lr)
+        self.optimizer = torch.optim.SGD(list(self.theta.values()), lr=self.epsilon)
+        self._optimizer_order = list(self.theta)
 
     @property
     def epsilon(self) -> float:
-        """Reptile's outer step size ε (``meta.outer_lr``)."""
-        return self.config.meta.outer_lr
+        """Reptile's outer step size ε (``reptile.epsilon``)."""
+        return self.config.reptile.epsilon
+
+    @property
+    def inner_steps(self) -> int:
+        """K of Reptile's inner loop (``reptile.inner_steps``, default ``inner.inner_steps``)."""
+        steps = self.config.reptile.inner_steps
+        return self.config.inner.inner_steps if steps is None else steps
 
     def meta_step(self, episodes: Sequence) -> dict[str, float]:
         """θ ← θ + ε (mean_i φ_iᴷ − θ) over one meta-batch."""
@@ -61,7 +69,7 @@ class Reptile(StructuredLoRA):
             phi = self.inner_loop(
                 list(episode.support) + list(episode.query),
                 lambda k, i=i: self._seeds(_INNER, step, i, k, count=1),
-                self.config.inner.inner_steps,
+                self.inner_steps,
                 losses=losses,
             )
             with torch.no_grad():
@@ -84,7 +92,7 @@ class Reptile(StructuredLoRA):
         self.step += 1
         return {
             "step": self.step,
-            # Reptile has no outer loss: report the task loss of the last inner step (at φᴷ⁻¹).
+            # Reptile has no outer loss: report the task loss after the last inner step (at φᴷ).
             "outer_nll": last,
             "kl": 0.0,
             "beta_kl_over_nll": 0.0,
