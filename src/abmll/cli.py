@@ -261,7 +261,9 @@ def _device(name: str):
     return device
 
 
-def _data_and_tasks(data: Path | None, setting: Path | None, tasks: str | None, group: str) -> tuple[Path, list[str]]:
+def _data_and_tasks(
+    data: Path | None, setting: Path | None, tasks: str | None, group: str, needed_by: str = ""
+) -> tuple[Path, list[str]]:
     from abmll.tasks.readers import read_setting
 
     if data is None:
@@ -281,7 +283,7 @@ def _data_and_tasks(data: Path | None, setting: Path | None, tasks: str | None, 
             setting = data / "settings" / setting
         names = read_setting(setting).get(group, [])
         if not names:
-            raise ConfigError(f"--setting {setting} names no '{group}' tasks")
+            raise ConfigError(f"--setting {setting} names no '{group}' tasks{needed_by}")
     else:
         raise ConfigError("name the tasks with --setting FILE or --tasks a,b")
     return data, names
@@ -369,10 +371,15 @@ def train(
         main = is_main_process()  # only rank 0 locks and writes --out
         if main:
             held.enter_context(run_lock(out))  # a second run into --out fails here, before anything is loaded
-        data_dir, names = _data_and_tasks(data, setting, tasks, "train")
-        from abmll.tasks.readers import read_metaicl_task
+        data_dir, names = _data_and_tasks(
+            data, setting, tasks, "train", f"; --method {method} meta-trains on them, so it needs at least one"
+        )
+        from abmll.tasks.readers import load_training_tasks
 
-        task_list = [read_metaicl_task(data_dir, n, k=16384, seed=100, split="train") for n in names]
+        task_list, train_files = load_training_tasks(data_dir, names)
+        if main:
+            for name, task in zip(names, task_list, strict=True):
+                console.print(f"meta-training task {name}: {len(task)} examples from {train_files[name]}")
         from abmll.distributed import check_fsdp_settings, fsdp_requested, shard_model
 
         fsdp = fsdp_requested() and world()[1] > 1
@@ -388,6 +395,7 @@ def train(
         from abmll.runner import meta_train_run
 
         info = {"method": method, "model": model_name, "data": _portable(data_dir), "world_size": world()[1]}
+        info["train_files"] = train_files
         if init_peft is not None:
             from abmll.interop import import_peft
 
@@ -573,6 +581,7 @@ def _run_comparison(
     out: Path,
     resume: bool,
     k: int = 16,
+    tasks: str | None = None,
     device: str = "auto",
     config: Path | None = None,
     sets: list[str] | None = None,
@@ -593,7 +602,14 @@ def _run_comparison(
         data = build_suite(progress=console.print)
     if not data.is_dir():
         raise ConfigError(f"--data {data} is not a folder")
-    comparison = from_preset(preset, [m.strip() for m in methods.split(",") if m.strip()], data, model, setting)
+    names = None
+    if tasks is not None:
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not names:
+            raise ConfigError(f"--tasks {tasks!r} names no tasks: expected comma-separated task names, e.g. rte,cb")
+    comparison = from_preset(
+        preset, [m.strip() for m in methods.split(",") if m.strip()], data, model, setting, test_tasks=names
+    )
     if seeds:
         comparison.seeds = _parse_ints(seeds, "--seeds")
     if k < 1:
@@ -635,6 +651,14 @@ def compare(
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (default: the preset's).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
     k: Annotated[int, typer.Option("--k", help="Support examples per test task (k-shot).")] = 16,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="Comma-separated test tasks (instead of --setting; no meta-training tasks, so only methods that "
+            "do not meta-train: zero-shot, icl, lora-task).",
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="A YAML or JSON config shared by every method (instead of the preset's)."),
@@ -647,8 +671,8 @@ def compare(
     overrides its fields, and the model is loaded in its compute.dtype on --device."""
     with _errors():
         _run_comparison(
-            methods, _value(preset), data, setting, model, seeds, out, resume, k, device=device, config=config,
-            sets=sets,
+            methods, _value(preset), data, setting, model, seeds, out, resume, k, tasks=tasks, device=device,
+            config=config, sets=sets,
         )  # fmt: skip
 
 

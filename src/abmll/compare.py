@@ -50,7 +50,7 @@ from abmll.models import DEFAULT_MODEL
 from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run, run_lock
 from abmll.scoring import Scorer
-from abmll.tasks.readers import read_metaicl_task, read_setting
+from abmll.tasks.readers import load_training_tasks, read_setting
 
 logger = logging.getLogger("abmll.compare")
 
@@ -113,16 +113,35 @@ class Comparison:
             raise ConfigError(f"--methods: unknown method(s) {unknown}; available: {sorted(METHODS)}")
         if not self.methods or not self.seeds:
             raise ConfigError("a comparison needs at least one method and one seed")
+        if not self.train_tasks and self.config.meta.meta_steps > 0:
+            learners = [m for m in self.methods if METHODS[m].meta_learns]
+            if learners:
+                raise ConfigError(
+                    f"method(s) {', '.join(learners)} meta-train on the setting's 'train' tasks, but this comparison "
+                    "has none (a setting without 'train', or --tasks); compare only methods that do not meta-train "
+                    f"({', '.join(sorted(m for m, c in METHODS.items() if not c.meta_learns))}) or name 'train' tasks"
+                )
 
 
 def from_preset(
-    name: str, methods: list[str], data_dir: Path, model: str | None, setting: Path | None = None
+    name: str,
+    methods: list[str],
+    data_dir: Path,
+    model: str | None,
+    setting: Path | None = None,
+    test_tasks: list[str] | None = None,
 ) -> Comparison:
-    """A comparison with a preset's budget on a data folder (its ``settings/`` file unless ``setting``)."""
+    """A comparison with a preset's budget on a data folder: its tasks are ``setting``'s (default: the
+    preset's file in the folder's ``settings/``), or ``test_tasks`` with no meta-training tasks."""
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r} is invalid: expected one of {sorted(PRESETS)}")
     spec = PRESETS[name]
-    groups = read_setting(setting or Path(data_dir) / "settings" / spec["setting"])
+    if test_tasks is not None and setting is not None:
+        raise ConfigError("give --setting or --tasks, not both")
+    if test_tasks is not None:
+        groups = {"train": [], "test": list(test_tasks)}
+    else:
+        groups = read_setting(setting or Path(data_dir) / "settings" / spec["setting"])
     return Comparison(
         methods=methods,
         data_dir=Path(data_dir),
@@ -204,7 +223,7 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
             logger.warning("%s: not shared (%s); %s meta-trains its own θ", shared, exc, method_name)
             shared = None
     if shared is None and method.meta_learns and config.meta.meta_steps > 0:
-        tasks = [read_metaicl_task(comparison.data_dir, n, k=16384, seed=100) for n in comparison.train_tasks]
+        tasks, info["train_files"] = load_training_tasks(comparison.data_dir, comparison.train_tasks)
         meta_train_run(
             method,
             tasks,

@@ -348,6 +348,15 @@ def read_training_task(data_dir: Path | str, task: str) -> tuple[Task, str]:
     return union_of_files(task, files), f"the union of {len(files)} k-shot files ({', '.join(p.name for p in files)})"
 
 
+def load_training_tasks(data_dir: Path | str, names: Iterable[str]) -> tuple[list[Task], dict[str, str]]:
+    """The meta-training tasks ``names`` (:func:`read_training_task`) and, per task, the file(s) read."""
+    tasks, sources = [], {}
+    for name in names:
+        task, sources[name] = read_training_task(data_dir, name)
+        tasks.append(task)
+    return tasks, sources
+
+
 def union_of_files(task: str, files: Sequence[Path]) -> Task:
     """The examples of several files of one task, each counted once (by content); an id that two different
     examples carry (e.g. the line-number ids of two files) is prefixed with the file name."""
@@ -383,7 +392,9 @@ def load_metaicl_tasks(
 
 def read_setting(path: Path | str) -> dict[str, list[str]]:
     """A MetaICL setting file ``{"train": [...], "test": [...]}`` (optionally "dev"/"valid" too): lists of
-    distinct task names, with no task in both train and test."""
+    distinct task names, with no task in both train and test. ``"test"`` must name at least one task; the
+    other lists may be empty or absent (a setting to evaluate on, with nothing to meta-train on): an absent
+    ``"train"`` reads as ``[]``."""
     path = Path(path)
     obj = _read_json(path)
     if not isinstance(obj, dict):
@@ -393,16 +404,17 @@ def read_setting(path: Path | str) -> dict[str, list[str]]:
     extra = sorted(set(obj) - set(SETTING_KEYS))
     if extra:
         raise _err(path, f"unexpected keys {extra}; expected {list(SETTING_KEYS)}")
-    for key in ("train", "test"):
-        if key not in obj:
-            raise _err(path, f"missing key '{key}' (expected a list of task names)")
+    if "test" not in obj:
+        raise _err(path, "missing key 'test' (expected a list of task names)")
+    obj = {"train": [], **obj}
     for key, names in obj.items():
         if (
             not isinstance(names, list)
-            or not names
+            or (key == "test" and not names)
             or not all(isinstance(t, str) and t.strip() for t in names)
         ):
-            raise _err(path, f"field '{key}': expected a non-empty list of non-empty task-name strings")
+            what = "a non-empty list" if key == "test" else "a list (possibly empty)"
+            raise _err(path, f"field '{key}': expected {what} of non-empty task-name strings")
         for name in names:
             _check_task_name(name, path)
         dup = sorted({t for i, t in enumerate(names) if t in names[:i]})
