@@ -156,7 +156,7 @@ def test_export_peft_of_the_prior_mean_runs_in_peft_with_the_mean_mode_logits(en
     assert config["r"] == RANK and config["lora_alpha"] == 16 and not config["use_rslora"]
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert config["base_model_name_or_path"] == str(env["model"])
-    assert sorted(p.name for p in out.iterdir()) == [EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS]  # no abmll θ files
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS]  # no θ files
     assert json.loads((out / EXPORT_INFO).read_text())["mean"] == "prior"
 
     tensors = load_file(str(out / PEFT_WEIGHTS))
@@ -540,3 +540,41 @@ def test_smollm2_peft_export_matches_the_mean_mode(tmp_path):
     before = logits(base, tokenizer)
     got = logits(PeftModel.from_pretrained(base, str(out)), tokenizer)
     assert_matches(got, want, before)
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def test_exports_write_a_model_card_naming_the_base_weights_method_config_tasks_and_evaluation(env, tmp_path):
+    from abmll.checkpoint import sha256
+    from abmll.evaluation import write_results
+
+    run = tmp_path / "run"
+    argv = [
+        "train", "--model", env["model"], "--data", env["root"] / "data", "--setting", env["root"] / "setting.json",
+        "--config", env["root"] / "fast.json", "--device", "cpu", "--out", run, "--steps", 1,
+    ]  # fmt: skip
+    ok(invoke(*argv))
+    rows = [{"task": "support", "seed": 1, "id": f"s:{i}", "gold": i % 2, "probs": [0.8, 0.2]} for i in range(6)]
+    write_results(tmp_path / "eval", rows, {"method": "abmll", "model": str(env["model"]), "k": 8, "seeds": [1]})
+    weights = sha256(env["model"] / "model.safetensors")
+
+    for command, kind in (("export-peft", "peft"), ("export-merged", "transformers")):
+        out = tmp_path / command
+        ok(invoke(command, "--checkpoint", run / "final", "--out", out, "--device", "cpu",
+                  "--results", tmp_path / "eval" / "results.json"))  # fmt: skip
+        card = (out / "README.md").read_text()
+        assert card.startswith("---\nbase_model: ") and f"library_name: {kind}" in card
+        assert f"`model.safetensors` SHA-256 `{weights}`" in card and "belongs to exactly these base weights" in card
+        assert "method: `abmll`" in card and f"meta-training tasks: {', '.join(TRAIN_TASKS)}" in card
+        assert '"rank": 4' in card and "| support | 0.500 |" in card and "| **mean** |" in card
+        info = json.loads((out / EXPORT_INFO).read_text())
+        assert info["base_weights"]["files"] == {"model.safetensors": weights}
+        assert info["train_tasks"] == TRAIN_TASKS
+
+    # The library's export writes one too; a bad --results fails before anything is loaded or written.
+    model, _, _ = abmll.load(env["ckpt"])
+    card = (abmll.export_peft(model, tmp_path / "lib") / "README.md").read_text()
+    assert "prior mean μθ" in card and "None given" in card
+    (tmp_path / "bad.json").write_text("[1]")
+    one_error(invoke("export-peft", "--checkpoint", run / "final", "--out", tmp_path / "never", "--results",
+                     tmp_path / "bad.json", "--device", "cpu"), "bad.json", "expected a JSON object")  # fmt: skip
+    assert not (tmp_path / "never").exists()

@@ -709,15 +709,38 @@ AdaptOnOpt = Annotated[
     ),
 ]
 ExportSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the adaptation's weight samples (--adapt-on).")]
+ExportResultsOpt = Annotated[
+    Path | None,
+    typer.Option("--results", help="A results.json of abmll evaluate of this checkpoint: its table goes in README.md."),
+]
 
 
-def _export(kind: str, checkpoint: Path, out: Path, model, adapt_on, seed: int, sets, device: str) -> None:
-    """Load the checkpoint on its model, optionally adapt on a support file, write the mean as ``kind``."""
-    from abmll.interop import check_export_folder, export_merged, export_peft, load, read_support, task_posterior
+def _export(
+    kind: str, checkpoint: Path, out: Path, model, adapt_on, seed: int, sets, device: str, results: Path | None = None
+) -> None:
+    """Load the checkpoint on its model, optionally adapt on a support file, write the mean as ``kind`` with a
+    model card (README.md)."""
+    from abmll.checkpoint import TRAINER_JSON, load_checkpoint
+    from abmll.evaluation import read_results
+    from abmll.interop import (
+        base_weights,
+        check_export_folder,
+        export_merged,
+        export_peft,
+        load,
+        read_support,
+        task_posterior,
+    )
 
     check_export_folder(out)
     support = read_support(adapt_on) if adapt_on is not None else None
     overrides = _parse_sets(sets)
+    evaluation = None
+    if results is not None:  # read before the model is loaded: a bad file fails at once
+        res = read_results(results)
+        keep = ("method", "k", "seeds")
+        evaluation = {"file": str(results), **{k: res.get(k) for k in keep}}
+        evaluation["tasks"] = {**res.get("tasks", {}), "**mean**": res.get("mean", {})}
     with _progress() as bar:
         job = bar.add_task("loading the model and the checkpoint", total=2 if support is None else 3)
         mdl, tokenizer, method_obj = load(checkpoint, model, overrides=overrides, device=_device(device))
@@ -728,12 +751,17 @@ def _export(kind: str, checkpoint: Path, out: Path, model, adapt_on, seed: int, 
             phi = task_posterior(method_obj, support, seed)
             bar.advance(job)
         bar.update(job, description=f"writing {out}")
+        ckpt = load_checkpoint(checkpoint, trainer=(checkpoint / TRAINER_JSON).is_file())
+        sampler = ckpt.get("trainer_values", {}).get("sampler", {})
         info = {
             "checkpoint": str(checkpoint),
             "method": method_obj.name,
             "adapt_on": str(adapt_on) if adapt_on is not None else None,
             "seed": seed if adapt_on is not None else None,
             "config": method_obj.config.to_dict(),
+            "base_weights": base_weights(model or ckpt["info"].get("model"), mdl),
+            "train_tasks": sampler.get("tasks") if isinstance(sampler, dict) else None,
+            "evaluation": evaluation,
         }
         if kind == "peft":
             export_peft(mdl, out, phi, info=info)
@@ -753,11 +781,12 @@ def export_peft_command(
     seed: ExportSeedOpt = 0,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
     device: DeviceOpt = "auto",
+    results: ExportResultsOpt = None,
 ) -> None:
     """Write the mean of the checkpoint's prior (or of a task posterior, --adapt-on) as a standard PEFT LoRA adapter
     for PeftModel.from_pretrained, vLLM or lm-evaluation-harness. --model defaults to the checkpoint's model."""
     with _errors():
-        _export("peft", checkpoint, out, model, adapt_on, seed, sets, device)
+        _export("peft", checkpoint, out, model, adapt_on, seed, sets, device, results)
 
 
 @app.command("export-merged")
@@ -769,11 +798,12 @@ def export_merged_command(
     seed: ExportSeedOpt = 0,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
     device: DeviceOpt = "auto",
+    results: ExportResultsOpt = None,
 ) -> None:
     """Write the base model with the mean of the checkpoint's prior (or of a task posterior, --adapt-on) merged
     into its weights, for AutoModelForCausalLM.from_pretrained. --model defaults to the checkpoint's model."""
     with _errors():
-        _export("merged", checkpoint, out, model, adapt_on, seed, sets, device)
+        _export("merged", checkpoint, out, model, adapt_on, seed, sets, device, results)
 
 
 @app.command("plan")

