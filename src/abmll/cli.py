@@ -455,6 +455,17 @@ def _build(model_name: str | None, method: str, cfg, device):
     return mdl, method_obj, model_name or DEFAULT_MODEL
 
 
+def _checkpoint_digest(checkpoint: Path | None) -> str | None:
+    """The checkpoint folder and the SHA-256 of its manifest (which holds every file's checksum)."""
+    if checkpoint is None:
+        return None
+    import hashlib
+
+    manifest = checkpoint / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else "no manifest"
+    return f"{checkpoint} ({digest})"
+
+
 @app.command()
 def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Output folder: results.json, results.md, predictions.jsonl.")],
@@ -488,13 +499,28 @@ def evaluate(
     ] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
     device: DeviceOpt = "auto",
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted evaluation into --out with the same options: keep its finished "
+            "(task, seed) cells and run the others.",
+        ),
+    ] = False,
 ) -> None:
     """Adapt to each 'test' task from its k-shot support sets and score the query sets."""
     method, mode = _value(method), _value(mode)
     with _errors(), ExitStack() as held:
         from abmll.checkpoint import load_checkpoint, load_prior_into
         from abmll.config import ABMLLConfig
-        from abmll.evaluation import clear_results, load_episodes, query_sets, query_warnings, write_results
+        from abmll.evaluation import (
+            PartialResults,
+            clear_results,
+            load_episodes,
+            query_sets,
+            query_warnings,
+            write_results,
+        )
         from abmll.evaluation import evaluate as run_eval
 
         seed_list = _parse_ints(seeds, "--seeds")
@@ -532,12 +558,33 @@ def evaluate(
         drawn = query_sets(episodes, query_size)
         for line in query_warnings(drawn):
             console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        run = {
+            "method": method,
+            "model": model,
+            "checkpoint": _checkpoint_digest(checkpoint),
+            "data": _portable(data_dir),
+            "tasks": names,
+            "k": k,
+            "seeds": seed_list,
+            "query_size": query_size,
+            "config": cfg.to_dict(),
+        }
+        partial = PartialResults(out, run, resume)  # refuses a left-over one without --resume
+        done = partial.cells(episodes)
+        if done:
+            console.print(f"resuming: {len(done)} (task, seed) cell(s) kept from {partial.folder}")
         mdl, method_obj, model_name = _build(model, method, cfg, device)
         if ckpt is not None and method not in BASE_ONLY:
             load_prior_into(mdl, checkpoint)
         with _progress() as bar:
             job = bar.add_task("evaluating", total=sum(len(v) for v in episodes.values()))
-            predictions = run_eval(method_obj, episodes, lambda d, i, n: bar.update(job, completed=i, description=d))
+            predictions = run_eval(
+                method_obj,
+                episodes,
+                lambda d, i, n: bar.update(job, completed=i, description=d),
+                done=done,
+                on_cell=partial.save,
+            )
         meta = {
             "method": method,
             "model": model_name,
@@ -550,6 +597,7 @@ def evaluate(
             "config": cfg.to_dict(),
         }
         write_results(out, predictions, meta)
+        partial.remove()  # results.json is complete
         results_console.print((out / "results.md").read_text(), markup=False, highlight=False)
         console.print(f"results: {out / 'results.json'}")
 

@@ -22,14 +22,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from abmll.checkpoint import versions, write_json_atomic
-from abmll.errors import DataError
+from abmll.checkpoint import versions, write_json_atomic, write_text_atomic
+from abmll.errors import ConfigError, DataError
 from abmll.methods.base import Method
 from abmll.metrics import macro_average, mean_interval, reliability_bins, task_metrics
 from abmll.tasks.data import Episode, Example, disjoint_queries, example_key, sample_support
@@ -164,26 +165,97 @@ def query_warnings(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+CellRows = list[dict[str, Any]]
+
+
 def evaluate(
-    method: Method, episodes: dict[str, list[Episode]], progress: ProgressFn | None = None
+    method: Method,
+    episodes: dict[str, list[Episode]],
+    progress: ProgressFn | None = None,
+    done: dict[tuple[str, int], CellRows] | None = None,
+    on_cell: Callable[[str, int, CellRows], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-example predictions ``{"task", "seed", "id", "gold", "probs"}`` for every task and seed."""
+    """Per-example predictions ``{"task", "seed", "id", "gold", "probs"}`` for every task and seed. The
+    (task, seed) cells in ``done`` are taken from there (their ids must be the episode's query ids); every
+    other cell, once predicted, is passed to ``on_cell`` (e.g. :meth:`PartialResults.save`)."""
     predictions: list[dict[str, Any]] = []
     total = sum(len(v) for v in episodes.values())
-    done = 0
+    count = 0
     for name, eps in episodes.items():
         for ep in eps:
             if progress is not None:
-                progress(f"{method.name}: {name} seed {ep.seed}", done, total)
-            probs = method.predict(method.adapt(ep.support, ep.seed), ep.query, ep.seed)
-            for ex, row in zip(ep.query, probs.tolist(), strict=True):
-                predictions.append(
+                progress(f"{method.name}: {name} seed {ep.seed}", count, total)
+            rows = (done or {}).get((name, ep.seed))
+            if rows is not None:
+                if [r["id"] for r in rows] != [ex.id for ex in ep.query]:
+                    raise DataError(
+                        f"the kept results of task '{name}' seed {ep.seed} are for other query examples than "
+                        "its query set now (did the data change?); evaluate again without --resume into a new --out"
+                    )
+            else:
+                probs = method.predict(method.adapt(ep.support, ep.seed), ep.query, ep.seed)
+                rows = [
                     {"task": name, "seed": ep.seed, "id": ex.id, "gold": ex.gold, "probs": row[: len(ex.options)]}
-                )
-            done += 1
+                    for ex, row in zip(ep.query, probs.tolist(), strict=True)
+                ]
+                if on_cell is not None:
+                    on_cell(name, ep.seed, rows)
+            predictions += rows
+            count += 1
     if progress is not None:
         progress(f"{method.name}: done", total, total)
     return predictions
+
+
+class PartialResults:
+    """The finished (task, seed) cells of an evaluation that has not written ``results.json`` yet, in
+    ``OUT/.partial/``: ``run.json`` (what is evaluated) and one ``{task}.seed-{seed}.jsonl`` per cell, each
+    written atomically, so a run killed at any point keeps every cell it finished. ``resume`` continues from
+    them when ``run.json`` matches; without it an existing ``.partial/`` is refused (nothing is removed)."""
+
+    NAME = ".partial"
+
+    def __init__(self, out_dir: str | Path, run: dict[str, Any], resume: bool) -> None:
+        self.folder = Path(out_dir) / self.NAME
+        self.run = json.loads(json.dumps(run))  # as it reads back from JSON
+        recorded = self.folder / "run.json"
+        if self.folder.exists() and not resume:
+            raise ConfigError(
+                f"{self.folder} holds the finished cells of an interrupted evaluation; pass --resume to continue it, "
+                f"or remove {self.folder} to start over"
+            )
+        if resume and recorded.is_file():
+            try:
+                before = json.loads(recorded.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise DataError(f"{recorded}: unreadable ({exc}); remove {self.folder} to start over") from None
+            differ = sorted(key for key in set(before) | set(self.run) if before.get(key) != self.run.get(key))
+            if differ:
+                raise ConfigError(
+                    f"{recorded}: the interrupted evaluation had other {', '.join(differ)}; resume with the same "
+                    f"options, or remove {self.folder} to start over"
+                )
+        else:
+            write_json_atomic(recorded, self.run)
+
+    def path(self, task: str, seed: int) -> Path:
+        return self.folder / f"{task}.seed-{seed}.jsonl"
+
+    def cells(self, episodes: dict[str, list[Episode]]) -> dict[tuple[str, int], CellRows]:
+        """The kept cells of ``episodes``."""
+        out = {}
+        for name, eps in episodes.items():
+            for ep in eps:
+                path = self.path(name, ep.seed)
+                if path.is_file():
+                    out[(name, ep.seed)] = read_predictions(path)
+        return out
+
+    def save(self, task: str, seed: int, rows: CellRows) -> None:
+        write_text_atomic(self.path(task, seed), "".join(json.dumps(r) + "\n" for r in rows))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def prediction_matrix(rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
