@@ -5,8 +5,8 @@ The model's module tree is built on the ``meta`` device (``AutoModelForCausalLM.
 ``torch.device("meta")``: shapes, no storage), the Bayesian LoRA layers are injected exactly as
 :func:`abmll.inject` does, and the parameter counts are read off it: they are exact. Memory is split into
 
-- **persistent** parts, exact: the base weights (and buffers) in the model's dtype; θ (the four factor pairs and the log-scale λ
-  of every adapted layer, always float32); θ's gradient; AdamW's two moments of θ;
+- **persistent** parts, exact: the base weights (and buffers) in the model's dtype; θ (the four factor pairs and
+  the log-scale λ of every adapted layer, always float32); θ's gradient; AdamW's two moments of θ;
 - **transient** parts, held only during a meta-step, found by *simulating* one meta-step on the meta device
   with :class:`LiveBytes` (a dispatch mode that adds up every storage an operator creates and subtracts it
   when the storage is freed, as the allocator would): the forward and backward of one micro-batch (the
