@@ -249,6 +249,33 @@ def test_read_columns_datasets_folder(base, saved_dataset, mapping, split, junk)
     shutil.rmtree(folder)
 
 
+CELL = st.sampled_from(["sentence", "label", "A", "B", "t", "0", "1", "2", "", '"', '"a,b"', "é", "NA", "../x"])
+CSV = st.lists(st.lists(CELL, min_size=1, max_size=5).map(",".join), min_size=1, max_size=5).map("\n".join)
+COLUMN_MAPPING = st.one_of(
+    st.sampled_from(
+        [
+            {"input": "sentence", "options": ["A", "B"], "answer": "label"},
+            {"input": "sentence", "labels": ["busy", "calm"], "answer": "label", "task": "t"},
+            {"input": ["sentence", "A"], "options": "B", "answer": "label", "id": "t"},
+        ]
+    ),
+    MAPPING,
+)
+
+
+@settings(FUZZ, max_examples=40)
+@given(
+    content=st.one_of(CSV.flatmap(damaged), FILES), mapping=COLUMN_MAPPING, suffix=st.sampled_from([".csv", ".jsonl"])
+)
+def test_read_column_data_files(base, content, mapping, suffix):
+    """CSV and JSONL files of any bytes, read through a column mapping: a ColumnData or one library error."""
+    folder = fresh(base)
+    (folder / f"rows{suffix}").write_bytes(content)
+    data = only_library_errors(lambda: readers.read_column_data(folder / f"rows{suffix}", mapping))
+    assert data is None or all(isinstance(task, Task) for task in data.tasks.values())
+    shutil.rmtree(folder)
+
+
 # ------------------------------------------------------------------------------------------------ configs
 
 FIELDS = {

@@ -162,8 +162,19 @@ DataOpt = Annotated[
     Path | None,
     typer.Option(
         "--data",
-        help="A task folder in the MetaICL layout ({task}/{task}_{k}_{seed}_{split}.jsonl). Default: the "
+        help="A task folder in the MetaICL layout ({task}/{task}_{k}_{seed}_{split}.jsonl); with --columns, a "
+        "datasets folder (save_to_disk), a .parquet, .csv or .jsonl file, or a folder of such files. Default: the "
         "built-in suite (built on first use).",
+    ),
+]
+ColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--columns",
+        help="Read --data through this column mapping: input=COL,options=COL,answer=COL[,task=COL][,id=COL]. "
+        "'+' joins several columns (input=premise+hypothesis, options=A+B+C+D: one option per column); "
+        "labels=no+yes gives fixed option texts instead of options; the answer is an option index (from 0) or "
+        "the option's text; without task=, each file or split is one task (docs/DATA.md).",
     ),
 ]
 SettingOpt = Annotated[
@@ -261,19 +272,52 @@ def _device(name: str):
     return device
 
 
-def _data_and_tasks(
-    data: Path | None, setting: Path | None, tasks: str | None, group: str, needed_by: str = ""
-) -> tuple[Path, list[str]]:
-    from abmll.tasks.readers import read_setting
+def _check_data(data: Path | None, columns: str | None) -> dict | None:
+    """The column mapping of --columns (which needs --data); without it, --data must be a MetaICL folder."""
+    from abmll.tasks.readers import TABLE_SUFFIXES, is_dataset_folder, parse_column_mapping
 
+    if columns is not None:
+        if data is None:
+            raise ConfigError("--columns needs --data: a datasets folder, a .parquet, .csv or .jsonl file, or a folder")
+        return parse_column_mapping(columns)
+    if data is not None:
+        hint = "; it is read with --columns input=COL,options=COL,answer=COL (docs/DATA.md)"
+        if data.is_dir() and is_dataset_folder(data):
+            raise ConfigError(f"--data {data} is a datasets folder (save_to_disk){hint}")
+        if not data.is_dir():
+            tabular = data.is_file() and data.suffix in TABLE_SUFFIXES
+            raise ConfigError(f"--data {data} is not a folder" + (hint if tabular else ""))
+    return None
+
+
+def _data_fields(data) -> dict[str, Any]:
+    """The data as results and configs record it: its path and, when read through --columns, the mapping."""
+    from abmll.tasks.readers import ColumnData
+
+    if isinstance(data, ColumnData):
+        return {"data": _portable(data.path), "columns": data.mapping}
+    return {"data": _portable(data)}
+
+
+def _data_and_tasks(
+    data: Path | None,
+    setting: Path | None,
+    tasks: str | None,
+    group: str,
+    needed_by: str = "",
+    columns: str | None = None,
+):
+    """The data (a MetaICL folder, or :class:`~abmll.tasks.readers.ColumnData` with --columns) and the task
+    names of --tasks or of the setting's ``group``."""
+    from abmll.tasks.readers import read_column_data, read_setting
+
+    mapping = _check_data(data, columns)
     if data is None:
         from abmll.suite import build_suite
 
         data = build_suite()
         if setting is None and tasks is None:
             setting = data / "settings" / "builtin.json"
-    if not data.is_dir():
-        raise ConfigError(f"--data {data} is not a folder")
     if tasks:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         if not names:
@@ -286,7 +330,7 @@ def _data_and_tasks(
             raise ConfigError(f"--setting {setting} names no '{group}' tasks{needed_by}")
     else:
         raise ConfigError("name the tasks with --setting FILE or --tasks a,b")
-    return data, names
+    return (data if mapping is None else read_column_data(data, mapping)), names
 
 
 @app.command()
@@ -308,6 +352,7 @@ def train(
     preset: Annotated[ConfigPreset | None, typer.Option("--preset", help="Start from a preset.")] = None,
     model: ModelOpt = None,
     data: DataOpt = None,
+    columns: ColumnsOpt = None,
     setting: SettingOpt = None,
     tasks: TasksOpt = None,
     method: Annotated[TrainMethod, typer.Option("--method", help="Training algorithm.")] = TrainMethod.abmll,
@@ -372,14 +417,15 @@ def train(
         if main:
             held.enter_context(run_lock(out))  # a second run into --out fails here, before anything is loaded
         data_dir, names = _data_and_tasks(
-            data, setting, tasks, "train", f"; --method {method} meta-trains on them, so it needs at least one"
+            data, setting, tasks, "train", f"; --method {method} meta-trains on them, so it needs at least one", columns
         )
         from abmll.tasks.readers import load_training_tasks
 
         task_list, train_files = load_training_tasks(data_dir, names)
         if main:
             for name, task in zip(names, task_list, strict=True):
-                console.print(f"meta-training task {name}: {len(task)} examples from {train_files[name]}")
+                line = f"meta-training task {name}: {len(task)} examples from {train_files[name]}"
+                console.print(escape(line), highlight=False, soft_wrap=True)  # one line, even in a log
         from abmll.distributed import check_fsdp_settings, fsdp_requested, shard_model
 
         fsdp = fsdp_requested() and world()[1] > 1
@@ -394,7 +440,7 @@ def train(
         mdl, method_obj, model_name = _build(model, method, cfg, torch_device("cpu") if fsdp else rank_device)
         from abmll.runner import meta_train_run
 
-        info = {"method": method, "model": model_name, "data": _portable(data_dir), "world_size": world()[1]}
+        info = {"method": method, "model": model_name, **_data_fields(data_dir), "world_size": world()[1]}
         info["train_files"] = train_files
         if init_peft is not None:
             from abmll.interop import import_peft
@@ -474,6 +520,7 @@ def evaluate(
         Path | None, typer.Option("--checkpoint", help="A checkpoint folder (e.g. OUT/final of abmll train).")
     ] = None,
     data: DataOpt = None,
+    columns: ColumnsOpt = None,
     setting: SettingOpt = None,
     tasks: TasksOpt = None,
     k: Annotated[int, typer.Option("--k", help="Support examples per task (k-shot).")] = 16,
@@ -553,7 +600,7 @@ def evaluate(
             overrides["predict.mode"] = mode
         cfg = cfg.override(overrides)
         model = model or (ckpt["info"].get("model") if ckpt else None)
-        data_dir, names = _data_and_tasks(data, setting, tasks, "test")
+        data_dir, names = _data_and_tasks(data, setting, tasks, "test", columns=columns)
         episodes = load_episodes(data_dir, names, k, seed_list, query_size)
         drawn = query_sets(episodes, query_size)
         for line in query_warnings(drawn):
@@ -562,7 +609,7 @@ def evaluate(
             "method": method,
             "model": model,
             "checkpoint": _checkpoint_digest(checkpoint),
-            "data": _portable(data_dir),
+            **_data_fields(data_dir),
             "tasks": names,
             "k": k,
             "seeds": seed_list,
@@ -589,7 +636,7 @@ def evaluate(
             "method": method,
             "model": model_name,
             "checkpoint": str(checkpoint) if checkpoint else None,
-            "data": _portable(data_dir),
+            **_data_fields(data_dir),
             "k": k,
             "seeds": seed_list,
             "query_size": query_size,
@@ -633,6 +680,7 @@ def _run_comparison(
     device: str = "auto",
     config: Path | None = None,
     sets: list[str] | None = None,
+    columns: str | None = None,
 ) -> None:
     import time
 
@@ -644,20 +692,21 @@ def _run_comparison(
     overrides = _parse_sets(sets)
     (ABMLLConfig() if shared is None else shared).override(overrides)
     run_device = str(_device(device))
+    mapping = _check_data(data, columns)
     if data is None:
         from abmll.suite import build_suite
 
         data = build_suite(progress=console.print)
-    if not data.is_dir():
-        raise ConfigError(f"--data {data} is not a folder")
     names = None
     if tasks is not None:
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         if not names:
             raise ConfigError(f"--tasks {tasks!r} names no tasks: expected comma-separated task names, e.g. rte,cb")
     comparison = from_preset(
-        preset, [m.strip() for m in methods.split(",") if m.strip()], data, model, setting, test_tasks=names
-    )
+        preset, [m.strip() for m in methods.split(",") if m.strip()], data, model, setting, test_tasks=names,
+        columns=mapping,
+    )  # fmt: skip
+    comparison.data  # noqa: B018 - with --columns, the data is read (and checked) before anything runs
     if seeds:
         comparison.seeds = _parse_ints(seeds, "--seeds")
     if k < 1:
@@ -695,6 +744,7 @@ def compare(
     preset: PresetOpt = Budget.quick,
     model: ModelOpt = None,
     data: DataOpt = None,
+    columns: ColumnsOpt = None,
     setting: SettingOpt = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (default: the preset's).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
@@ -720,7 +770,7 @@ def compare(
     with _errors():
         _run_comparison(
             methods, _value(preset), data, setting, model, seeds, out, resume, k, tasks=tasks, device=device,
-            config=config, sets=sets,
+            config=config, sets=sets, columns=columns,
         )  # fmt: skip
 
 

@@ -50,7 +50,7 @@ from abmll.models import DEFAULT_MODEL
 from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run, run_lock
 from abmll.scoring import Scorer
-from abmll.tasks.readers import load_training_tasks, read_setting
+from abmll.tasks.readers import ColumnData, load_training_tasks, read_column_data, read_setting
 
 logger = logging.getLogger("abmll.compare")
 
@@ -106,6 +106,21 @@ class Comparison:
     #: Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``; None: where it loads); its dtype and
     #: quantisation are the config's ``compute`` section.
     device: str | None = None
+    #: A column mapping: ``data_dir`` is then a datasets folder, a parquet, CSV or JSONL file, or a folder of
+    #: them, read with :func:`abmll.tasks.readers.read_column_data` (None: a MetaICL folder).
+    columns: dict[str, Any] | None = None
+    _read: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def data(self) -> Path | ColumnData:
+        """What :func:`load_episodes` and :func:`load_training_tasks` read: the MetaICL folder, or the tasks
+        read through ``columns`` (read once)."""
+        if self.columns is None:
+            return self.data_dir
+        key = (self.data_dir, json.dumps(self.columns, sort_keys=True))
+        if self._read is None or self._read[0] != key:
+            self._read = (key, read_column_data(self.data_dir, self.columns))
+        return self._read[1]
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -130,14 +145,20 @@ def from_preset(
     model: str | None,
     setting: Path | None = None,
     test_tasks: list[str] | None = None,
+    columns: dict[str, Any] | None = None,
 ) -> Comparison:
     """A comparison with a preset's budget on a data folder: its tasks are ``setting``'s (default: the
-    preset's file in the folder's ``settings/``), or ``test_tasks`` with no meta-training tasks."""
+    preset's file in the folder's ``settings/``), or ``test_tasks`` with no meta-training tasks. With
+    ``columns`` (:attr:`Comparison.columns`), ``setting`` or ``test_tasks`` must name the tasks."""
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r} is invalid: expected one of {sorted(PRESETS)}")
     spec = PRESETS[name]
     if test_tasks is not None and setting is not None:
         raise ConfigError("give --setting or --tasks, not both")
+    if columns is not None and test_tasks is None and setting is None:
+        raise ConfigError(
+            "data read through --columns has no settings/ folder: name its tasks with --setting or --tasks"
+        )
     if test_tasks is not None:
         groups = {"train": [], "test": list(test_tasks)}
     else:
@@ -151,7 +172,8 @@ def from_preset(
         config=ABMLLConfig().override(spec["config"]),
         query_size=spec["query_size"],
         model=model,
-        extra={"preset": name},
+        extra={"preset": name, **({"columns": columns} if columns is not None else {})},
+        columns=columns,
     )
 
 
@@ -177,6 +199,7 @@ def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLL
         "config": ckpt["config"].to_dict(),
         "model": ckpt["info"].get("model"),
         "data": ckpt["info"].get("data"),
+        "columns": ckpt["info"].get("columns"),
         "tasks": sampler.get("tasks"),
         "steps": sampler.get("position"),
     }
@@ -184,6 +207,7 @@ def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLL
         "config": config.to_dict(),
         "model": comparison.model or DEFAULT_MODEL,
         "data": portable_path(comparison.data_dir),
+        "columns": comparison.columns,
         "tasks": list(comparison.train_tasks),
         "steps": config.meta.meta_steps,
     }
@@ -212,6 +236,8 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
     method = create_method(method_name, model, Scorer(tokenizer, config.scoring), config)
     model_name = comparison.model or DEFAULT_MODEL
     info = {"method": method_name, "model": model_name, "data": portable_path(comparison.data_dir)}
+    if comparison.columns is not None:
+        info["columns"] = comparison.columns
     if overrides:
         info["method_overrides"] = overrides
     shared = shared_meta_training(comparison, method_name, config, out) if method.meta_learns else None
@@ -223,7 +249,7 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
             logger.warning("%s: not shared (%s); %s meta-trains its own θ", shared, exc, method_name)
             shared = None
     if shared is None and method.meta_learns and config.meta.meta_steps > 0:
-        tasks, info["train_files"] = load_training_tasks(comparison.data_dir, comparison.train_tasks)
+        tasks, info["train_files"] = load_training_tasks(comparison.data, comparison.train_tasks)
         meta_train_run(
             method,
             tasks,
@@ -233,7 +259,7 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
             progress=(lambda r: progress(f"{method_name} seed {seed}: meta-training", r)) if progress else None,
         )
     episodes = load_episodes(
-        comparison.data_dir, comparison.test_tasks, comparison.k, [seed], comparison.query_size, comparison.seeds
+        comparison.data, comparison.test_tasks, comparison.k, [seed], comparison.query_size, comparison.seeds
     )
     predictions = evaluate(
         method,
@@ -272,7 +298,7 @@ def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progre
         (out / "results.json").replace(out / PREVIOUS_REPORT)
     earlier = _earlier_timings(out) if resume else {}
     drawn = load_episodes(  # every seed's query set, drawn once: the data is checked before any cell runs
-        comparison.data_dir, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
+        comparison.data, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
     )
     for line in query_warnings(query_sets(drawn, comparison.query_size)):
         logger.warning("%s", line)
@@ -334,7 +360,7 @@ def demonstrations_kept(comparison: Comparison) -> dict[str, dict[str, float]]:
 
     scorer = Scorer(load_tokenizer(comparison.model), comparison.config.scoring)
     episodes = load_episodes(
-        comparison.data_dir, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
+        comparison.data, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
     )
     kept: dict[str, dict[str, float]] = {}
     for task, task_episodes in episodes.items():

@@ -33,8 +33,8 @@ from abmll.checkpoint import versions, write_json_atomic, write_text_atomic
 from abmll.errors import ConfigError, DataError
 from abmll.methods.base import Method
 from abmll.metrics import macro_average, mean_interval, reliability_bins, task_metrics
-from abmll.tasks.data import Episode, Example, disjoint_queries, example_key, sample_support
-from abmll.tasks.readers import metaicl_files, metaicl_path, read_metaicl_file, union_of_files
+from abmll.tasks.data import Episode, Example, Task, disjoint_queries, example_key, sample_support
+from abmll.tasks.readers import ColumnData, metaicl_files, metaicl_path, read_metaicl_file, union_of_files
 
 SCALARS = (
     "accuracy",
@@ -53,7 +53,7 @@ RESULTS_SCHEMA_VERSION = 1
 
 
 def load_episodes(
-    data_dir: str | Path,
+    data_dir: str | Path | ColumnData,
     tasks: Sequence[str],
     k: int,
     seeds: Sequence[int],
@@ -63,13 +63,20 @@ def load_episodes(
     """Episodes of each task and seed (:func:`support_set`, :func:`query_pool`), with query sets disjoint
     across ``all_seeds`` (every seed of the evaluation; default ``seeds``): see
     :func:`abmll.tasks.data.disjoint_queries`. Each episode's ``meta`` records its query set's provenance
-    (:func:`query_sets`)."""
+    (:func:`query_sets`). From :class:`~abmll.tasks.readers.ColumnData`, a task's examples are what a
+    ``{task}.jsonl`` file would hold: each support set is drawn from them with the seed, the query pool is all
+    of them."""
     order = list(seeds if all_seeds is None else all_seeds)
     out: dict[str, list[Episode]] = {}
     for name in tasks:
-        files = metaicl_files(data_dir, name)
-        supports = {seed: support_set(data_dir, name, k, seed, files) for seed in seeds}
-        pool, pool_source = query_pool(data_dir, name, files)
+        if isinstance(data_dir, ColumnData):
+            task, pool_source = data_dir.task(name), data_dir.sources[name]
+            supports = {seed: _drawn_support(task, k, seed, pool_source) for seed in seeds}
+            pool = task.examples
+        else:
+            files = metaicl_files(data_dir, name)
+            supports = {seed: support_set(data_dir, name, k, seed, files) for seed in seeds}
+            pool, pool_source = query_pool(data_dir, name, files)
         queries = disjoint_queries(name, pool, order, {s: sup for s, (sup, _) in supports.items()}, query_size)
         n_pool = len({example_key(name, ex) for ex in pool})
         out[name] = [
@@ -109,9 +116,13 @@ def support_set(
             f"{metaicl_path(data_dir, task, k, seed, 'train')}: no support file for task '{task}' at k={k}, "
             f"seed={seed} (nor at a larger k), and no {task}.jsonl to draw one from; its k-shot files: {have}"
         )
-    task_obj = read_metaicl_file(whole, task)
-    picked = sample_support(task_obj, k, seed)
-    return [task_obj.examples[i] for i in picked], f"{k} drawn from {whole.name} with seed {seed}"
+    return _drawn_support(read_metaicl_file(whole, task), k, seed, whole.name)
+
+
+def _drawn_support(task: Task, k: int, seed: int, source: str) -> tuple[list[Example], str]:
+    """k examples of ``task`` drawn with the seed (:func:`~abmll.tasks.data.sample_support`), and a line saying so."""
+    picked = sample_support(task, k, seed)
+    return [task.examples[i] for i in picked], f"{k} drawn from {source} with seed {seed}"
 
 
 def query_pool(data_dir: str | Path, task: str, files: dict | None = None) -> tuple[list[Example], str]:

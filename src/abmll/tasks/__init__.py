@@ -13,10 +13,12 @@ from abmll.tasks.data import (
 )
 from abmll.tasks.readers import (
     SPLITS,
+    ColumnData,
     find_task_config,
     load_metaicl_tasks,
     metaicl_path,
     parse_unifiedqa_question,
+    read_column_data,
     read_columns,
     read_crossfit_task,
     read_crossfit_tsv,
@@ -36,6 +38,7 @@ __all__ = [
     "DEFAULT_SEEDS",
     "KINDS",
     "SPLITS",
+    "ColumnData",
     "Episode",
     "EpisodeCycle",
     "Example",
@@ -46,6 +49,7 @@ __all__ = [
     "make_episode",
     "metaicl_path",
     "parse_unifiedqa_question",
+    "read_column_data",
     "read_columns",
     "read_crossfit_task",
     "read_crossfit_tsv",
