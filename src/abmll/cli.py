@@ -16,17 +16,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from typer.core import TyperGroup
 
 from abmll.errors import AbmllError, ConfigError
+from abmll.progress import PROGRESS_LOG, Reporter
 
 console = Console(stderr=True)
 #: Results (tables) go to standard output, unwrapped, so they can be piped.
@@ -219,16 +212,10 @@ def _errors():
         raise typer.Exit(130) from None
 
 
-def _progress(disable: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=disable,
-    )
+def _reporter(out: Path | None = None, enabled: bool = True) -> Reporter:
+    """The progress of every command (:mod:`abmll.progress`): bars on a terminal, else plain lines; the lines
+    also go to ``OUT/progress.log``."""
+    return Reporter(console, out / PROGRESS_LOG if out is not None else None, enabled=enabled)
 
 
 def _parse_sets(values: list[str] | None) -> dict[str, Any]:
@@ -449,16 +436,12 @@ def train(
             info["init_peft"] = str(init_peft)
         if fsdp:  # this rank keeps its shard of the base model (on its device) and all of θ
             shard_model(mdl, method_obj.theta.values(), rank_device)
-        with _progress(disable=not main) as bar:
-            job = bar.add_task(f"meta-training {method}", total=cfg.meta.meta_steps)
+        with _reporter(out, enabled=main) as report:
+            job = report.add(f"meta-training {method}", total=cfg.meta.meta_steps, unit="meta-step")
 
             def show(record: dict) -> None:
-                bar.update(
-                    job,
-                    completed=record["step"],
-                    description=f"meta-training {method}: outer NLL {record['outer_nll']:.3f} "
-                    f"β·KL/NLL {record['beta_kl_over_nll']:.2g}",
-                )
+                note = f"outer NLL {record['outer_nll']:.3f}, β·KL/NLL {record['beta_kl_over_nll']:.2g}"
+                report.update(job, record["step"], note=note)
 
             final = meta_train_run(
                 method_obj, task_list, out, info, resume=resume, progress=show, allow_config_change=allow_config_change
@@ -623,12 +606,12 @@ def evaluate(
         mdl, method_obj, model_name = _build(model, method, cfg, device)
         if ckpt is not None and method not in BASE_ONLY:
             load_prior_into(mdl, checkpoint)
-        with _progress() as bar:
-            job = bar.add_task("evaluating", total=sum(len(v) for v in episodes.values()))
+        with _reporter(out) as report:
+            job = report.add(f"evaluating {method}", total=sum(len(v) for v in episodes.values()), unit="cell")
             predictions = run_eval(
                 method_obj,
                 episodes,
-                lambda d, i, n: bar.update(job, completed=i, description=d),
+                lambda d, i, n: report.update(job, i, note=d.split(": ", 1)[-1]),
                 done=done,
                 on_cell=partial.save,
             )
@@ -686,6 +669,7 @@ def _run_comparison(
 
     from abmll.compare import from_preset, run_comparison
     from abmll.config import ABMLLConfig
+    from abmll.progress import clock
 
     # Config, overrides and device are checked before the data or the model is touched.
     shared = ABMLLConfig.load(config) if config is not None else None
@@ -715,20 +699,24 @@ def _run_comparison(
     comparison.config = (comparison.config if shared is None else shared).override(overrides)  # --config: instead
     comparison.device = run_device
     start = time.perf_counter()
-    with _progress() as bar:
-        job = bar.add_task("starting", total=None)
+    with _reporter(out) as report:
+        cells, work = report.add("comparing", unit="cell"), report.add("starting")
 
         def show(what: str, record: dict) -> None:
-            if "total" in record:
-                bar.update(job, description=what, completed=record["done"], total=record["total"])
-            else:
+            if "cell" in record:  # a cell starts, or is finished
+                finished = "wall_s" in record
+                note = f"{what} finished in {clock(record['wall_s'])}" if finished else what
+                report.update(cells, record["done"], total=record["total"], note=note)
+                if not finished:
+                    report.reset(work, what)
+            elif "step" in record:  # a meta-step of the cell's meta-training
+                note = f"outer NLL {record['outer_nll']:.3f}, β·KL/NLL {record['beta_kl_over_nll']:.2g}"
                 total = comparison.config.meta.meta_steps
-                bar.update(
-                    job,
-                    description=f"{what} (outer NLL {record['outer_nll']:.3f})",
-                    completed=record["step"],
-                    total=total,
-                )
+                report.update(work, record["step"], total=total, description=what, unit="meta-step", note=note)
+            else:  # the cell's evaluation, in (task, seed) cells
+                if record["done"] == 0:
+                    report.reset(work, what, total=record["total"], unit="cell")
+                report.update(work, record["done"], note=record["what"].split(": ", 1)[-1])
 
         results = run_comparison(comparison, out, resume=resume, progress=show)
     from abmll.report import comparison_table
@@ -839,16 +827,17 @@ def _export(
         keep = ("method", "k", "seeds")
         evaluation = {"file": str(results), **{k: res.get(k) for k in keep}}
         evaluation["tasks"] = {**res.get("tasks", {}), "**mean**": res.get("mean", {})}
-    with _progress() as bar:
-        job = bar.add_task("loading the model and the checkpoint", total=2 if support is None else 3)
+    steps = 2 if support is None else 3
+    with _reporter() as report:  # no progress.log: the export folder holds the export only
+        job = report.add("loading the model and the checkpoint", total=steps, unit="step")
         mdl, tokenizer, method_obj = load(checkpoint, model, overrides=overrides, device=_device(device))
-        bar.advance(job)
+        report.update(job, 1)
         phi = None
         if support is not None:
-            bar.update(job, description=f"adapting on {adapt_on.name} ({len(support)} examples)")
+            report.update(job, 1, description=f"adapting on {adapt_on.name} ({len(support)} examples)")
             phi = task_posterior(method_obj, support, seed)
-            bar.advance(job)
-        bar.update(job, description=f"writing {out}")
+            report.update(job, 2)
+        report.update(job, steps - 1, description=f"writing {out}")
         ckpt = load_checkpoint(checkpoint, trainer=(checkpoint / TRAINER_JSON).is_file())
         sampler = ckpt.get("trainer_values", {}).get("sampler", {})
         info = {
@@ -865,7 +854,7 @@ def _export(
             export_peft(mdl, out, phi, info=info)
         else:
             export_merged(mdl, tokenizer, out, phi, info=info)
-        bar.advance(job)
+        report.update(job, steps)
     what = "prior mean μθ" if phi is None else "task posterior mean μφ"
     console.print(f"{'PEFT adapter' if kind == 'peft' else 'merged model'} ({what}): {escape(str(out))}")
 

@@ -177,6 +177,9 @@ def from_preset(
     )
 
 
+#: ``progress(what, record)``: a comparison cell starting or finished (``{"cell", "done", "total"}``, counting
+#: the cells this sitting runs; a finished one also has ``wall_s``), a meta-step's ``log.jsonl`` record, or the
+#: evaluation of a cell (``{"done", "total", "what"}``, in (task, seed) cells).
 Progress = Callable[[str, dict[str, Any]], None]
 
 
@@ -256,7 +259,7 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
             out / "train",
             info,
             resume=True,
-            progress=(lambda r: progress(f"{method_name} seed {seed}: meta-training", r)) if progress else None,
+            progress=(lambda r: progress(f"meta-training {method_name} seed {seed}", r)) if progress else None,
         )
     episodes = load_episodes(
         comparison.data, comparison.test_tasks, comparison.k, [seed], comparison.query_size, comparison.seeds
@@ -264,7 +267,7 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
     predictions = evaluate(
         method,
         episodes,
-        (lambda d, i, n: progress(f"{method_name} seed {seed}: evaluating", {"done": i, "total": n, "what": d}))
+        (lambda d, i, n: progress(f"evaluating {method_name} seed {seed}", {"done": i, "total": n, "what": d}))
         if progress
         else None,
     )
@@ -304,14 +307,20 @@ def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progre
         logger.warning("%s", line)
     # methods that share another's meta-training (abmll-icl) run after it, whatever the order asked for
     order = sorted(comparison.methods, key=lambda m: METHODS[m].meta_trained_as in comparison.methods)
-    for method_name in order:
-        for seed in comparison.seeds:
-            cell = out / method_name / f"seed-{seed}"
-            if resume and (cell / "results.json").is_file():
-                continue
-            if not resume and cell.exists() and any(cell.iterdir()):
-                raise ConfigError(f"{cell} already holds results; pass --resume to keep them or choose another --out")
-            run_cell(comparison, method_name, seed, cell, progress)
+    cells = [(m, s) for m in order for s in comparison.seeds]
+    todo = [(m, s) for m, s in cells if not (resume and (out / m / f"seed-{s}" / "results.json").is_file())]
+    for n, (method_name, seed) in enumerate(todo):
+        cell = out / method_name / f"seed-{seed}"
+        if not resume and cell.exists() and any(cell.iterdir()):
+            raise ConfigError(f"{cell} already holds results; pass --resume to keep them or choose another --out")
+        what, name = f"{method_name} seed {seed}", f"{method_name}/seed-{seed}"
+        if progress is not None:
+            progress(what, {"cell": name, "done": n, "total": len(todo)})
+        start = time.perf_counter()
+        run_cell(comparison, method_name, seed, cell, progress)
+        if progress is not None:
+            wall_s = round(time.perf_counter() - start, 3)
+            progress(what, {"cell": name, "done": n + 1, "total": len(todo), "wall_s": wall_s})
     report = write_report(comparison, out, _cell_timings(comparison, out, earlier))
     (out / PREVIOUS_REPORT).unlink(missing_ok=True)
     return report

@@ -188,14 +188,16 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Per-example predictions ``{"task", "seed", "id", "gold", "probs"}`` for every task and seed. The
     (task, seed) cells in ``done`` are taken from there (their ids must be the episode's query ids); every
-    other cell, once predicted, is passed to ``on_cell`` (e.g. :meth:`PartialResults.save`)."""
+    other cell, once predicted, is passed to ``on_cell`` (e.g. :meth:`PartialResults.save`). ``progress`` is
+    called before each cell with the number of cells finished, and after it with one more."""
     predictions: list[dict[str, Any]] = []
     total = sum(len(v) for v in episodes.values())
     count = 0
     for name, eps in episodes.items():
         for ep in eps:
+            what = f"{method.name}: {name} seed {ep.seed}"
             if progress is not None:
-                progress(f"{method.name}: {name} seed {ep.seed}", count, total)
+                progress(what, count, total)
             rows = (done or {}).get((name, ep.seed))
             if rows is not None:
                 if [r["id"] for r in rows] != [ex.id for ex in ep.query]:
@@ -203,6 +205,7 @@ def evaluate(
                         f"the kept results of task '{name}' seed {ep.seed} are for other query examples than "
                         "its query set now (did the data change?); evaluate again without --resume into a new --out"
                     )
+                what += " (kept)"
             else:
                 probs = method.predict(method.adapt(ep.support, ep.seed), ep.query, ep.seed)
                 rows = [
@@ -213,8 +216,8 @@ def evaluate(
                     on_cell(name, ep.seed, rows)
             predictions += rows
             count += 1
-    if progress is not None:
-        progress(f"{method.name}: done", total, total)
+            if progress is not None:
+                progress(what, count, total)
     return predictions
 
 
