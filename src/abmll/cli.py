@@ -140,6 +140,15 @@ class DType(StrEnum):
     float16 = "float16"
 
 
+class ReportTo(StrEnum):
+    """abmll.tracking.REPORT_TO."""
+
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
 def _value(choice: Enum | str | None) -> str | None:
     return choice.value if isinstance(choice, Enum) else choice
 
@@ -179,6 +188,21 @@ SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Seed of initialisation, task sampling and weight samples.")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="'auto' (CUDA when available), 'cpu' or 'cuda'.")]
+ReportToOpt = Annotated[
+    ReportTo,
+    typer.Option(
+        "--report-to",
+        help="Also log the config, every meta-step's log.jsonl fields and (compare, demo) every cell's metrics "
+        "to this tracker, its files under OUT/tracking; needs that package installed.",
+    ),
+]
+
+
+def _tracker(report_to: ReportTo | str, out: Path, params: dict[str, Any]):
+    """The run's tracker (abmll.tracking); a backend whose package is missing fails here, before any work."""
+    from abmll.tracking import Tracker
+
+    return Tracker(_value(report_to), out / "tracking", run_name=out.resolve().name, params=params)
 
 
 def _portable(path: Path) -> str:
@@ -368,6 +392,7 @@ def train(
             "modules must match lora.rank and lora.targets).",
         ),
     ] = None,
+    report_to: ReportToOpt = ReportTo.none,
 ) -> None:
     """Meta-train on the 'train' tasks of a setting and write checkpoints, a JSONL log and the final θ.
     Runs unchanged on several processes under accelerate launch or torchrun, the tasks of each meta-batch split
@@ -400,9 +425,11 @@ def train(
         rank_device = setup(device)
         if launcher_dtype() and cfg.compute.dtype == "float32" and "compute.dtype" not in overrides:
             cfg = cfg.override({"compute.dtype": launcher_dtype()})  # the launcher's mixed_precision: bf16|fp16
+        tracker = _tracker(report_to, out, {"method": method, "model": model, "config": cfg.to_dict()})
         main = is_main_process()  # only rank 0 locks and writes --out
         if main:
             held.enter_context(run_lock(out))  # a second run into --out fails here, before anything is loaded
+            held.enter_context(tracker)  # started by the run once it holds --out; finished on the way out
         data_dir, names = _data_and_tasks(
             data, setting, tasks, "train", f"; --method {method} meta-trains on them, so it needs at least one", columns
         )
@@ -444,8 +471,9 @@ def train(
                 report.update(job, record["step"], note=note)
 
             final = meta_train_run(
-                method_obj, task_list, out, info, resume=resume, progress=show, allow_config_change=allow_config_change
-            )
+                method_obj, task_list, out, info, resume=resume, progress=show,
+                allow_config_change=allow_config_change, tracker=tracker if main else None,
+            )  # fmt: skip
         if main:
             console.print(f"final θ: {final}")
 
@@ -663,6 +691,7 @@ def _run_comparison(
     device: str = "auto",
     config: Path | None = None,
     sets: list[str] | None = None,
+    report_to: ReportTo | str = ReportTo.none,
     columns: str | None = None,
 ) -> None:
     import time
@@ -670,12 +699,14 @@ def _run_comparison(
     from abmll.compare import from_preset, run_comparison
     from abmll.config import ABMLLConfig
     from abmll.progress import clock
+    from abmll.tracking import check_report_to
 
-    # Config, overrides and device are checked before the data or the model is touched.
+    # Config, overrides, device and tracker are checked before the data or the model is touched.
     shared = ABMLLConfig.load(config) if config is not None else None
     overrides = _parse_sets(sets)
     (ABMLLConfig() if shared is None else shared).override(overrides)
     run_device = str(_device(device))
+    check_report_to(_value(report_to))
     mapping = _check_data(data, columns)
     if data is None:
         from abmll.suite import build_suite
@@ -698,8 +729,10 @@ def _run_comparison(
     comparison.k = k
     comparison.config = (comparison.config if shared is None else shared).override(overrides)  # --config: instead
     comparison.device = run_device
+    params = {"methods": comparison.methods, "preset": preset, "seeds": comparison.seeds, "k": k, "model": model}
+    tracker = _tracker(report_to, out, {**params, "config": comparison.config.to_dict()})
     start = time.perf_counter()
-    with _reporter(out) as report:
+    with _reporter(out) as report, tracker:
         cells, work = report.add("comparing", unit="cell"), report.add("starting")
 
         def show(what: str, record: dict) -> None:
@@ -718,7 +751,7 @@ def _run_comparison(
                     report.reset(work, what, total=record["total"], unit="cell")
                 report.update(work, record["done"], note=record["what"].split(": ", 1)[-1])
 
-        results = run_comparison(comparison, out, resume=resume, progress=show)
+        results = run_comparison(comparison, out, resume=resume, progress=show, tracker=tracker)
     from abmll.report import comparison_table
 
     results_console.print(comparison_table(results["methods"]), markup=False, highlight=False)
@@ -751,6 +784,7 @@ def compare(
     ] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
     device: DeviceOpt = "auto",
+    report_to: ReportToOpt = ReportTo.none,
 ) -> None:
     """Run several methods on the same tasks, support sets, scorer and budget, and write a report. The preset
     gives the seeds, the query-set cap, the setting and the shared config; --config replaces that config, --set
@@ -758,7 +792,7 @@ def compare(
     with _errors():
         _run_comparison(
             methods, _value(preset), data, setting, model, seeds, out, resume, k, tasks=tasks, device=device,
-            config=config, sets=sets, columns=columns,
+            config=config, sets=sets, report_to=report_to, columns=columns,
         )  # fmt: skip
 
 
@@ -773,13 +807,14 @@ def demo(
     ] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
     device: DeviceOpt = "auto",
+    report_to: ReportToOpt = ReportTo.none,
 ) -> None:
     """ABMLL against regular LoRA and zero-shot on the embedded SmolLM2-135M and the built-in suite (the model in
     the config's compute.dtype on --device)."""
     with _errors():
         _run_comparison(
             "zero-shot,lora,abmll", _value(preset), None, None, None, None, out or Path(f"runs/demo-{_value(preset)}"),
-            resume, device=device, config=config, sets=sets,
+            resume, device=device, config=config, sets=sets, report_to=report_to,
         )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from abmll.config import ABMLLConfig
 from abmll.errors import AbmllError, CheckpointError, ConfigError
 from abmll.evaluation import (
     RESULTS_SCHEMA_VERSION,
+    SCALARS,
     evaluate,
     load_episodes,
     query_sets,
@@ -51,6 +52,7 @@ from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run, run_lock
 from abmll.scoring import Scorer
 from abmll.tasks.readers import ColumnData, load_training_tasks, read_column_data, read_setting
+from abmll.tracking import Tracker
 
 logger = logging.getLogger("abmll.compare")
 
@@ -221,13 +223,22 @@ def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLL
     return final
 
 
-def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, progress: Progress | None) -> Path:
+def run_cell(
+    comparison: Comparison,
+    method_name: str,
+    seed: int,
+    out: Path,
+    progress: Progress | None,
+    tracker: Tracker | None = None,
+) -> Path:
     """Meta-train (when the method learns across tasks) and evaluate one (method, seed) cell; its
-    ``results.json`` records the cell's wall-clock seconds (``wall_s``) in this sitting."""
+    ``results.json`` records the cell's wall-clock seconds (``wall_s``) in this sitting. ``tracker`` gets the
+    meta-steps and the cell's metrics under ``{method}/seed-{seed}/`` (:mod:`abmll.tracking`)."""
     from abmll.checkpoint import load_prior_into
     from abmll.models import load_model
 
     start = time.perf_counter()
+    scoped = tracker.scoped(f"{method_name}/seed-{seed}") if tracker is not None else None
     overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
     config = comparison.config.override({**overrides, "seed": seed})
     compute = config.compute
@@ -260,6 +271,7 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
             info,
             resume=True,
             progress=(lambda r: progress(f"meta-training {method_name} seed {seed}", r)) if progress else None,
+            tracker=scoped.scoped("train") if scoped is not None else None,
         )
     episodes = load_episodes(
         comparison.data, comparison.test_tasks, comparison.k, [seed], comparison.query_size, comparison.seeds
@@ -281,22 +293,34 @@ def run_cell(comparison: Comparison, method_name: str, seed: int, out: Path, pro
         "config": config.to_dict(),
         "wall_s": wall_s,
     }
-    write_results(out, predictions, cell)
+    results = write_results(out, predictions, cell)
+    if scoped is not None:  # at the meta-step its θ was trained to (0: no meta-training)
+        metrics = {task: {k: r[k] for k in SCALARS} for task, r in results["tasks"].items()}
+        metrics["mean"] = {k: results["mean"][k] for k in SCALARS if k in results["mean"]}
+        step = config.meta.meta_steps if method.meta_learns else 0
+        scoped.log({"eval": metrics, "wall_s": wall_s}, step=step)
     return out
 
 
 def run_comparison(
-    comparison: Comparison, out_dir: str | Path, resume: bool = False, progress: Progress | None = None
+    comparison: Comparison,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: Progress | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
-    """Run every (method, seed) cell not yet finished (with ``resume``), then write the pooled report."""
+    """Run every (method, seed) cell not yet finished (with ``resume``), then write the pooled report.
+    ``tracker`` (:class:`abmll.tracking.Tracker`) gets every cell's meta-steps and metrics."""
     with run_lock(out_dir) as out:  # a second comparison into the same folder fails at once
-        return _run_cells(comparison, out, resume, progress)
+        return _run_cells(comparison, out, resume, progress, tracker)
 
 
 PREVIOUS_REPORT = ".previous-results.json"
 
 
-def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progress | None) -> dict[str, Any]:
+def _run_cells(
+    comparison: Comparison, out: Path, resume: bool, progress: Progress | None, tracker: Tracker | None = None
+) -> dict[str, Any]:
     if (out / "results.json").is_file():  # set aside (not deleted) until the new report is written
         (out / "results.json").replace(out / PREVIOUS_REPORT)
     earlier = _earlier_timings(out) if resume else {}
@@ -305,6 +329,8 @@ def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progre
     )
     for line in query_warnings(query_sets(drawn, comparison.query_size)):
         logger.warning("%s", line)
+    if tracker is not None:
+        tracker.start()
     # methods that share another's meta-training (abmll-icl) run after it, whatever the order asked for
     order = sorted(comparison.methods, key=lambda m: METHODS[m].meta_trained_as in comparison.methods)
     cells = [(m, s) for m in order for s in comparison.seeds]
@@ -317,7 +343,7 @@ def _run_cells(comparison: Comparison, out: Path, resume: bool, progress: Progre
         if progress is not None:
             progress(what, {"cell": name, "done": n, "total": len(todo)})
         start = time.perf_counter()
-        run_cell(comparison, method_name, seed, cell, progress)
+        run_cell(comparison, method_name, seed, cell, progress, tracker)
         if progress is not None:
             wall_s = round(time.perf_counter() - start, 3)
             progress(what, {"cell": name, "done": n + 1, "total": len(todo), "wall_s": wall_s})

@@ -34,6 +34,10 @@ class RunLockedError(AbmllError, RuntimeError):
     """Another run holds the lock of the output folder."""
 
 
+class TrackingError(AbmllError, RuntimeError):
+    """The run tracker asked for (``--report-to``) could not start its run."""
+
+
 class RunInterrupted(AbmllError):
     """Meta-training stopped on SIGINT or SIGTERM after writing a checkpoint; ``exit_code`` is 128 + the
     signal number (130 for SIGINT, 143 for SIGTERM)."""

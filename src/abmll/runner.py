@@ -52,6 +52,7 @@ from abmll.distributed import barrier, is_main_process, max_over_processes
 from abmll.errors import CheckpointError, ConfigError, NonFiniteError, RunInterrupted, RunLockedError
 from abmll.methods.base import Method
 from abmll.tasks.data import MetaBatchSampler, Task
+from abmll.tracking import Tracker
 
 try:
     import fcntl
@@ -317,8 +318,10 @@ def meta_train_run(
     resume: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     allow_config_change: bool = False,
+    tracker: Tracker | None = None,
 ) -> Path:
-    """Meta-train ``method`` on ``tasks`` into ``out_dir``; returns the folder of the final θ.
+    """Meta-train ``method`` on ``tasks`` into ``out_dir``; returns the folder of the final θ. ``tracker``
+    (:class:`abmll.tracking.Tracker`) gets every meta-step's ``log.jsonl`` record too, at its step.
 
     With ``resume``, a config that differs from the checkpoint's (beyond :data:`RESUMABLE_FIELDS`) raises
     :class:`ConfigError` naming the fields, unless ``allow_config_change``: then the run continues with it and
@@ -330,10 +333,13 @@ def meta_train_run(
 
     Run on several ranks (:mod:`abmll.distributed`), every rank calls this with the same arguments; only
     rank 0 takes the lock and writes files (after each meta-step, which every rank has finished by then), and
-    ``progress`` is called on rank 0 only. Every rank returns once ``final`` is written."""
+    ``progress`` and ``tracker`` are used on rank 0 only. Every rank returns once ``final`` is written."""
     main = is_main_process()
     with run_lock(out_dir) if main else nullcontext(Path(out_dir)) as out, stop_requests() as stop:
-        final = _run(method, tasks, out, info, resume, progress if main else None, stop, main, allow_config_change)
+        final = _run(
+            method, tasks, out, info, resume, progress if main else None, stop, main, allow_config_change,
+            tracker if main else None,
+        )  # fmt: skip
     barrier()
     return final
 
@@ -348,6 +354,7 @@ def _run(
     stop: list[int],
     main: bool = True,
     allow_config_change: bool = False,
+    tracker: Tracker | None = None,
 ) -> Path:
     config: ABMLLConfig = method.config
     total = config.meta.meta_steps
@@ -369,6 +376,8 @@ def _run(
         raise CheckpointError(f"{out} already holds a run; pass resume=True (--resume) or choose another folder")
     log_path = out / "log.jsonl"
     if main:  # other ranks write nothing (abmll.distributed)
+        if tracker is not None:
+            tracker.start()  # a backend that cannot start fails here, before any meta-step
         _truncate_log(log_path, method.step)  # the log matches the restored state
         _record_config(out, method.step, config, changes)
         if changes:
@@ -401,6 +410,8 @@ def _run(
             if due:  # the log is on disk before the checkpoint that covers it
                 fh.flush()
                 os.fsync(fh.fileno())
+        if tracker is not None:
+            tracker.log(record, step=method.step)
         if progress is not None:
             progress(record)
         if due:
