@@ -8,6 +8,7 @@ import pytest
 from conftest import tiny_comparison
 
 from abmll.compare import _paired_markdown, paired_differences, paired_mean_differences
+from abmll.errors import ConfigError
 from abmll.methods.icl import SEPARATOR
 
 
@@ -115,6 +116,35 @@ def test_cell_times_survive_resumed_sittings(tmp_path):
     fourth = run_comparison(tiny_comparison(tmp_path, ["zero-shot", "icl"]), out, resume=True)
     assert fourth["timings_s"] == second["timings_s"]  # from the previous report
     assert not (out / ".previous-results.json").exists()
+
+
+def test_resume_refuses_a_kept_cell_that_was_run_with_another_config(tmp_path):
+    """A finished cell is kept by --resume only when it was run with this comparison's config, k, query-set
+    cap, model and test tasks; otherwise one error names the cell and each field, and nothing is rewritten."""
+    from abmll.compare import run_comparison
+
+    out = tmp_path / "out"
+    run_comparison(tiny_comparison(tmp_path, ["zero-shot"]), out)
+    before = (out / "results.json").read_bytes()
+    changed = tiny_comparison(tmp_path, ["zero-shot", "icl"])
+    changed.config = changed.config.override({"scoring.max_length": 64})
+    changed.k = 3
+    with pytest.raises(ConfigError) as info:
+        run_comparison(changed, out, resume=True)
+    message = str(info.value)
+    assert message.startswith(f"{out / 'zero-shot' / 'seed-100'}: this finished cell was run with")
+    assert "config scoring.max_length=128" in message and "config scoring.max_length=64" in message
+    assert "k=4" in message and "k=3" in message and "remove that cell's folder" in message
+    assert (out / "results.json").read_bytes() == before and not (out / "icl").exists()
+
+    # A cell written before a config field existed is not refused for that field.
+    cell = out / "zero-shot" / "seed-100" / "results.json"
+    recorded = json.loads(cell.read_text())
+    del recorded["config"]["scoring"]["max_length"]
+    cell.write_text(json.dumps(recorded))
+    again = tiny_comparison(tmp_path, ["zero-shot"])
+    again.config = again.config.override({"scoring.max_length": 64})
+    assert "zero-shot" in run_comparison(again, out, resume=True)["methods"]
 
 
 def test_the_report_counts_the_demonstrations_that_fit(tmp_path):

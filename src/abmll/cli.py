@@ -310,6 +310,16 @@ def _data_fields(data) -> dict[str, Any]:
     return {"data": _portable(data)}
 
 
+def _task_names(tasks: str | None) -> list[str] | None:
+    """The task names of --tasks (None when it is not given)."""
+    if tasks is None:
+        return None
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise ConfigError(f"--tasks {tasks!r} names no tasks: expected comma-separated task names, e.g. rte,cb")
+    return names
+
+
 def _data_and_tasks(
     data: Path | None,
     setting: Path | None,
@@ -323,24 +333,21 @@ def _data_and_tasks(
     from abmll.tasks.readers import read_column_data, read_setting
 
     mapping = _check_data(data, columns)
+    names = _task_names(tasks)  # --tasks, when given, is used instead of --setting
     if data is None:
         from abmll.suite import build_suite
 
         data = build_suite()
         if setting is None and tasks is None:
             setting = data / "settings" / "builtin.json"
-    if tasks:
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
-        if not names:
-            raise ConfigError(f"--tasks {tasks!r} names no tasks: expected comma-separated task names, e.g. rte,cb")
-    elif setting is not None:
+    if names is None:
+        if setting is None:
+            raise ConfigError("name the tasks with --setting FILE or --tasks a,b")
         if not setting.is_file() and (data / "settings" / setting).is_file():
             setting = data / "settings" / setting
         names = read_setting(setting).get(group, [])
         if not names:
             raise ConfigError(f"--setting {setting} names no '{group}' tasks{needed_by}")
-    else:
-        raise ConfigError("name the tasks with --setting FILE or --tasks a,b")
     return (data if mapping is None else read_column_data(data, mapping)), names
 
 
@@ -675,6 +682,14 @@ PresetOpt = Annotated[
         help="Budget: smoke (CI, about a minute), quick (about 15 min on 2 CPU cores), full (3 seeds, about 2 hours).",
     ),
 ]
+ResumeCellsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Skip (method, seed) cells already finished with the same config, k, query-set cap, model and test "
+        "tasks (a cell finished with others is refused by name).",
+    ),
+]
 
 
 def _run_comparison(
@@ -708,15 +723,11 @@ def _run_comparison(
     run_device = str(_device(device))
     check_report_to(_value(report_to))
     mapping = _check_data(data, columns)
+    names = _task_names(tasks)
     if data is None:
         from abmll.suite import build_suite
 
         data = build_suite(progress=console.print)
-    names = None
-    if tasks is not None:
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
-        if not names:
-            raise ConfigError(f"--tasks {tasks!r} names no tasks: expected comma-separated task names, e.g. rte,cb")
     comparison = from_preset(
         preset, [m.strip() for m in methods.split(",") if m.strip()], data, model, setting, test_tasks=names,
         columns=mapping,
@@ -768,7 +779,7 @@ def compare(
     columns: ColumnsOpt = None,
     setting: SettingOpt = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds (default: the preset's).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
+    resume: ResumeCellsOpt = False,
     k: Annotated[int, typer.Option("--k", help="Support examples per test task (k-shot).")] = 16,
     tasks: Annotated[
         str | None,
@@ -800,7 +811,7 @@ def compare(
 def demo(
     preset: PresetOpt = Budget.quick,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default runs/demo-PRESET).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip (method, seed) cells already finished.")] = False,
+    resume: ResumeCellsOpt = False,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="A YAML or JSON config shared by every method (instead of the preset's)."),
@@ -897,7 +908,12 @@ def _export(
 @app.command("export-peft")
 def export_peft_command(
     checkpoint: ExportCheckpointOpt,
-    out: Annotated[Path, typer.Option("--out", help="Output folder: adapter_config.json, adapter_model.safetensors.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Output folder: adapter_config.json, adapter_model.safetensors and a model card, README.md."
+        ),
+    ],
     adapt_on: AdaptOnOpt = None,
     model: ModelOpt = None,
     seed: ExportSeedOpt = 0,
@@ -914,7 +930,12 @@ def export_peft_command(
 @app.command("export-merged")
 def export_merged_command(
     checkpoint: ExportCheckpointOpt,
-    out: Annotated[Path, typer.Option("--out", help="Output folder: a Hugging Face model folder with tokenizer.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Output folder: a Hugging Face model folder with tokenizer and a model card, README.md."
+        ),
+    ],
     adapt_on: AdaptOnOpt = None,
     model: ModelOpt = None,
     seed: ExportSeedOpt = 0,

@@ -8,8 +8,9 @@ One cell per (method, seed): meta-train with that seed (methods that learn acros
 test task from its k-shot support set drawn with that seed and score the query set. Cells are written to
 ``OUT/{method}/seed-{seed}/`` (checkpoint under ``train/final``, ``predictions.jsonl``, ``results.json``
 written last, with the cell's wall time ``wall_s``), so ``resume`` skips the finished ones and a comparison
-can grow over several sittings. A method that shares another's meta-training (``abmll-icl``: ``abmll``'s)
-loads that cell's θ when it qualifies (:func:`shared_meta_training`).
+can grow over several sittings; a finished cell run with another config, k, query-set cap, model or test tasks
+is refused by name, never pooled under this comparison's. A method that shares another's meta-training
+(``abmll-icl``: ``abmll``'s) loads that cell's θ when it qualifies (:func:`shared_meta_training`).
 
 The report pools each method's cells: ``OUT/report.md``, ``OUT/{method}/results.json``, a reliability
 diagram per method, the training curves and, last, ``OUT/results.json`` with ``methods`` (each method's
@@ -52,7 +53,7 @@ from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run, run_lock
 from abmll.scoring import Scorer
 from abmll.tasks.readers import ColumnData, load_training_tasks, read_column_data, read_setting
-from abmll.tracking import Tracker
+from abmll.tracking import Tracker, flatten
 
 logger = logging.getLogger("abmll.compare")
 
@@ -321,6 +322,13 @@ PREVIOUS_REPORT = ".previous-results.json"
 def _run_cells(
     comparison: Comparison, out: Path, resume: bool, progress: Progress | None, tracker: Tracker | None = None
 ) -> dict[str, Any]:
+    # methods that share another's meta-training (abmll-icl) run after it, whatever the order asked for
+    order = sorted(comparison.methods, key=lambda m: METHODS[m].meta_trained_as in comparison.methods)
+    cells = [(m, s) for m in order for s in comparison.seeds]
+    todo = [(m, s) for m, s in cells if not (resume and (out / m / f"seed-{s}" / "results.json").is_file())]
+    for method_name, seed in cells:  # a kept cell must have been run as this comparison would run it
+        if (method_name, seed) not in todo:
+            _check_kept_cell(comparison, method_name, seed, out / method_name / f"seed-{seed}")
     if (out / "results.json").is_file():  # set aside (not deleted) until the new report is written
         (out / "results.json").replace(out / PREVIOUS_REPORT)
     earlier = _earlier_timings(out) if resume else {}
@@ -331,10 +339,6 @@ def _run_cells(
         logger.warning("%s", line)
     if tracker is not None:
         tracker.start()
-    # methods that share another's meta-training (abmll-icl) run after it, whatever the order asked for
-    order = sorted(comparison.methods, key=lambda m: METHODS[m].meta_trained_as in comparison.methods)
-    cells = [(m, s) for m in order for s in comparison.seeds]
-    todo = [(m, s) for m, s in cells if not (resume and (out / m / f"seed-{s}" / "results.json").is_file())]
     for n, (method_name, seed) in enumerate(todo):
         cell = out / method_name / f"seed-{seed}"
         if not resume and cell.exists() and any(cell.iterdir()):
@@ -350,6 +354,33 @@ def _run_cells(
     report = write_report(comparison, out, _cell_timings(comparison, out, earlier))
     (out / PREVIOUS_REPORT).unlink(missing_ok=True)
     return report
+
+
+def _check_kept_cell(comparison: Comparison, method_name: str, seed: int, cell: Path) -> None:
+    """Raise :class:`ConfigError` naming each field when a finished cell that ``resume`` would keep was run
+    with another config (a field the cell's abmll did not know yet is not compared), k, query-set cap, model
+    or test tasks than this comparison gives it: the report would pool it under a config it did not use."""
+    recorded = read_results(cell / "results.json")
+    config = comparison.config.override({**method_overrides(method_name, comparison.config), "seed": seed})
+    ran, wanted = flatten(recorded.get("config") or {}), flatten(config.to_dict())
+    differ = {f"config {key}": (ran[key], wanted[key]) for key in wanted if key in ran and ran[key] != wanted[key]}
+    protocol = {
+        "k": comparison.k,
+        "query_size": comparison.query_size,
+        "model": comparison.model or DEFAULT_MODEL,
+        "test tasks": sorted(comparison.test_tasks),
+    }
+    for key, value in protocol.items():
+        before = sorted(recorded.get("tasks") or {}) if key == "test tasks" else recorded.get(key, value)
+        if before != value:
+            differ[key] = (before, value)
+    if differ:
+        was = ", ".join(f"{key}={old!r}" for key, (old, _) in differ.items())
+        now = ", ".join(f"{key}={new!r}" for key, (_, new) in differ.items())
+        raise ConfigError(
+            f"{cell}: this finished cell was run with {was}, but this comparison has {now}; --resume keeps only "
+            "cells run as this comparison runs them: remove that cell's folder to run it again, or choose another --out"
+        )
 
 
 def _earlier_timings(out: Path) -> dict[str, float]:
