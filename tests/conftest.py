@@ -105,3 +105,12 @@ def tiny_comparison(tmp_path, methods: list[str]):
         methods=methods, data_dir=tmp_path / "data", train_tasks=["fam0", "fam1"], test_tasks=["unseen"],
         seeds=[100], config=config, k=4, query_size=8, model=str(tmp_path / "tiny"),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def synthetic_families():
+    """The named families of :mod:`abmll.synthetic` (seed 0), ``{"identical": …, "spread": …}``, shared by the
+    session so that each builds its teacher model once."""
+    from abmll.synthetic import FAMILIES, SyntheticFamily
+
+    return {name: SyntheticFamily.named(name) for name in FAMILIES}

@@ -11,7 +11,7 @@ from conftest import adapted_tiny, make_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from abmll.bayes import FACTORS, bayes_layers, clone_factors, posterior, prior, weight_sample
-from abmll.inner import chunks, likelihood, step_sizes, straight_through, support_gradient
+from abmll.inner import chunks, likelihood, sigma_step_sizes, step_sizes, straight_through, support_gradient
 from abmll.methods.abmll import _INNER, _OUTER, ABMLL
 from abmll.objectives import LayerwiseGrad, gaussian_kl, kl_divergence, log_hyperprior
 from abmll.plan import measure_peak
@@ -51,7 +51,7 @@ def _reference_outer_backward(method: ABMLL, episode: Episode, second: bool, wei
         _, grads = support_gradient(model, phi, prior_side, episode.support, scorer, seeds, 0.0, micro, second)
         kl = method.beta * _summed_kl(phi, prior_side, layers)
         grads = [g + h for g, h in zip(grads, torch.autograd.grad(kl, params, create_graph=second), strict=True)]
-        rates = step_sizes(list(phi), inner.inner_lr, inner.sigma_lr)
+        rates = step_sizes(list(phi), inner.inner_lr, sigma_step_sizes(layers, prior_side, inner.sigma_lr))
         new = {n: p - a * g for (n, p), g, a in zip(phi.items(), grads, rates, strict=True)}
         phi = new if second else {n: v.detach().requires_grad_(True) for n, v in new.items()}
     if not second:

@@ -2,8 +2,13 @@
 
     φ⁰ = θ;   φᵏ = φᵏ⁻¹ − α ∇_φ [ NLL(S; W0 + ΔW(φ, ε)) + β · KL(q_φ ‖ p_θ) ]                  (eq. 7)
 
-with α for the mean factors and α_σ for the σ factors (B_σ, A_σ, λ): the likelihood's gradient on log σ is
-σ times its gradient on ΔW, so one α cannot serve both at a useful σ (METHOD.md §3, "Inner loop").
+with α for the mean factors and, for the σ factors (B_σ, A_σ, λ) of each layer,
+
+    α_σ,l = α_σ · σ_init / σ̄θ,l          (σ̄θ,l: the mean σ of layer l under the prior)           (eq. 7b)
+
+The likelihood's gradient on log σ is σ times its gradient on ΔW: one α cannot serve both at a useful σ, and a
+fixed α_σ would take ever larger steps as σθ learns. Eq. 7b keeps a step's size on log σ the same at any σθ
+(docs/METHOD.md §8).
 
 Every weight sample ε is drawn from a seed derived from the run's seed and the sample's coordinates
 (meta-step, task, inner step, sample), never from a global generator state: the same run gives the same ε
@@ -12,13 +17,13 @@ in one process or spread across ranks, and after a resume.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from abmll.bayes.inject import bayes_layers, clone_factors, posterior, weight_sample
+from abmll.bayes.inject import bayes_layers, clone_factors, group_by_layer, posterior, weight_sample
 from abmll.bayes.layer import SIGMA_FACTORS
 from abmll.objectives import LayerwiseGrad, kl_divergence
 from abmll.tasks.data import Example
@@ -111,7 +116,7 @@ def adapt(
     sigma_lr: float | None = None,
 ) -> Factors:
     """φᴷ by K steps of plain SGD from θ on the support set (eq. 7), step α = ``lr`` on the mean factors and
-    α_σ = ``sigma_lr`` (default α) on the σ factors.
+    α_σ,l of eq. 7b (``sigma_lr`` = α_σ) on the σ factors; with ``sigma_lr`` None, α on every factor.
 
     ``seeds(k)`` gives the weight-sample seeds of step k (``[None]`` for a deterministic LoRA).
     With ``create_graph`` (second order) φᴷ stays a differentiable function of θ; otherwise φ⁰ is a
@@ -121,6 +126,8 @@ def adapt(
     """
     phi = dict(theta) if create_graph else clone_factors(theta)
     prior_side = theta if create_graph else {k: v.detach() for k, v in theta.items()}
+    if sigma_lr is not None:
+        sigma_lr = sigma_step_sizes(bayes_layers(model), prior_side, sigma_lr)
     for k in range(steps if support else 0):
         value, grads = support_gradient(
             model, phi, prior_side, support, scorer, seeds(k), beta, micro_batch_size, create_graph
@@ -137,10 +144,28 @@ def adapt(
     return phi
 
 
-def step_sizes(names: Sequence[str], lr: float, sigma_lr: float | None) -> list[float]:
-    """The step size of each factor: α_σ (``sigma_lr``, default α) for the σ factors, α for the others."""
-    sigma = lr if sigma_lr is None else sigma_lr
-    return [sigma if n.rpartition(".")[2] in SIGMA_FACTORS else lr for n in names]
+@torch.no_grad()
+def sigma_step_sizes(layers: dict, theta: Factors, sigma_lr: float) -> dict[str, float]:
+    """α_σ,l = α_σ · σ_init / σ̄θ,l for every layer l (eq. 7b)."""
+    out = {}
+    for name, factors in group_by_layer(theta).items():
+        layer = layers[name]
+        mean_sigma = float(layer.sigma({k: v.float() for k, v in factors.items()}).mean())
+        out[name] = sigma_lr * layer.initial_sigma / mean_sigma
+    return out
+
+
+def step_sizes(names: Sequence[str], lr: float, sigma_lr: float | Mapping[str, float] | None) -> list[float]:
+    """The step size of each factor: α for the mean factors; for the σ factors ``sigma_lr``, either one value or
+    one per layer name (eq. 7b), and α when it is None."""
+    rates = []
+    for name in names:
+        layer, _, factor = name.rpartition(".")
+        if factor not in SIGMA_FACTORS or sigma_lr is None:
+            rates.append(lr)
+        else:
+            rates.append(sigma_lr[layer] if isinstance(sigma_lr, Mapping) else sigma_lr)
+    return rates
 
 
 def sgd_step(
@@ -148,7 +173,7 @@ def sgd_step(
     grads: Sequence[torch.Tensor | None],
     lr: float,
     create_graph: bool,
-    sigma_lr: float | None = None,
+    sigma_lr: float | Mapping[str, float] | None = None,
 ) -> Factors:
     """One inner step φ ← φ − α ∇ (eq. 7), α_σ on the σ factors; with ``create_graph`` the step stays in the
     graph (second order), else φ is detached and a fresh leaf. Factors with no gradient are kept as they are."""

@@ -105,6 +105,12 @@ class BayesLoRALinear(nn.Module):
                 B.zero_()
             self.abmll_sigma_scale.zero_()
 
+    @property
+    def initial_sigma(self) -> float:
+        """σ_init: σ of every entry at initialisation (B_σ = 0, λ = 0), g(o) + c (eq. 2)."""
+        zero = torch.zeros(1, 1, dtype=torch.float64)
+        return float(sigma_dense(zero, zero, zero[0, 0], self.sigma_transform, self.sigma_offset, self.sigma_floor))
+
     def prior_factors(self) -> dict[str, torch.Tensor]:
         """θ of this layer as ``{"mu_A", "mu_B", "sigma_A", "sigma_B", "sigma_scale"}``."""
         return {name: getattr(self, PREFIX + name) for name in FACTORS}
