@@ -15,7 +15,10 @@ behaviour reached through a config option that still exists, every "after" row t
    and K = 2 (after);
 6. the logged support loss: at K = 1, the loss before the last step (before: equal to the first) and after it;
 7. Reptile against lora-task: max |Δp| of their predictions on an unseen task, at ε = ``meta.outer_lr`` = 1e-3
-   (before) and at ``reptile.epsilon`` = 0.1 (after).
+   (before) and at ``reptile.epsilon`` = 0.1 (after);
+8. query sets of seeds 100, 13 and 21 on the built-in suite's unseen tasks (16-shot, 100 query examples, as the
+   ``full`` preset): the largest pairwise overlap of two seeds' query sets, with each seed's first 100 examples
+   of its own test file (before) and with ``load_episodes`` (after); skipped when the suite is not fetched.
 
 Run from the repository root::
 
@@ -33,6 +36,7 @@ from _common import Record, emit, parse_args
 
 from abmll.bayes.inject import bayes_layers, group_by_layer
 from abmll.config import ABMLLConfig, preset
+from abmll.evaluation import load_episodes
 from abmll.inner import adapt
 from abmll.methods import create_method
 from abmll.methods.abmll import _INNER
@@ -40,6 +44,7 @@ from abmll.objectives import LayerwiseGrad, kl_divergence, outer_kl_backward
 from abmll.scoring import Scorer
 from abmll.synthetic import SyntheticFamily
 from abmll.tasks.data import MetaBatchSampler
+from abmll.tasks.readers import metaicl_path, read_metaicl_file, read_setting
 
 SECTION = "bayes_deviations"
 SMALL = {"meta.meta_batch_size": 2, "meta.support_size": 16, "meta.query_size": 16, "meta.micro_batch_size": 32,
@@ -120,6 +125,27 @@ def reptile_vs_lora_task(family, sampler, unseen, config, steps: int) -> float:
     return float((probs[0] - probs[1]).abs().max())
 
 
+def query_overlap(seeds=(100, 13, 21), k: int = 16, size: int = 100) -> tuple[str, str] | None:
+    """The largest overlap (fraction of a query set) between two seeds' query sets over the built-in suite's
+    unseen tasks, before (each seed's first ``size`` test examples) and after (``load_episodes``)."""
+    from abmll.suite import suite_dir
+
+    data = suite_dir()
+    if not (data / "settings" / "builtin.json").is_file():
+        return None
+    tasks = read_setting(data / "settings" / "builtin.json")["test"]
+    after = load_episodes(data, tasks, k, list(seeds), size)
+    worst = {"before": 0.0, "after": 0.0}
+    for task in tasks:
+        files = [read_metaicl_file(metaicl_path(data, task, k, s, "test"), task) for s in seeds]
+        old = [{(e.input, e.options) for e in f.examples[:size]} for f in files]
+        new = [{(e.input, e.options) for e in ep.query} for ep in after[task]]
+        for label, sets in (("before", old), ("after", new)):
+            for a, b in ((0, 1), (0, 2), (1, 2)):
+                worst[label] = max(worst[label], len(sets[a] & sets[b]) / min(len(sets[a]), len(sets[b])))
+    return f"{worst['before']:.0%}", f"{worst['after']:.0%}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="meta-steps of the meta-training rows")
@@ -166,6 +192,10 @@ def main() -> None:
     before = reptile_vs_lora_task(family, sampler, unseen, base.override({"reptile.epsilon": 1e-3}), args.steps)
     after = reptile_vs_lora_task(family, sampler, unseen, base, args.steps)
     rows.append((f"max \\|p_reptile − p_lora-task\\| after {args.steps} meta-steps", f"{before:.2e}", f"{after:.3f}"))
+
+    overlap = query_overlap()
+    what = "largest overlap of two seeds' query sets, built-in suite, unseen tasks"
+    rows.append((what, *(overlap or ("suite not fetched (`abmll fetch`)", "—"))))
 
     record.stop()
     lines = [
