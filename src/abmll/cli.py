@@ -708,6 +708,7 @@ def _run_comparison(
     sets: list[str] | None = None,
     report_to: ReportTo | str = ReportTo.none,
     columns: str | None = None,
+    tuned: Path | None = None,
 ) -> None:
     import time
 
@@ -722,6 +723,10 @@ def _run_comparison(
     (ABMLLConfig() if shared is None else shared).override(overrides)
     run_device = str(_device(device))
     check_report_to(_value(report_to))
+    if tuned is not None:
+        from abmll.tune import read_tuned
+
+        tuned_values = read_tuned(tuned)  # an unknown method or field fails here
     mapping = _check_data(data, columns)
     names = _task_names(tasks)
     if data is None:
@@ -740,6 +745,12 @@ def _run_comparison(
     comparison.k = k
     comparison.config = (comparison.config if shared is None else shared).override(overrides)  # --config: instead
     comparison.device = run_device
+    if tuned is not None:
+        from abmll.tune import check_tuned
+
+        comparison.tuned = {m: v for m, v in tuned_values.items() if m in comparison.methods}
+        check_tuned(comparison.tuned, comparison.config, str(tuned))
+        comparison.extra["tuned"] = _portable(tuned)
     params = {"methods": comparison.methods, "preset": preset, "seeds": comparison.seeds, "k": k, "model": model}
     tracker = _tracker(report_to, out, {**params, "config": comparison.config.to_dict()})
     start = time.perf_counter()
@@ -796,14 +807,23 @@ def compare(
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
     device: DeviceOpt = "auto",
     report_to: ReportToOpt = ReportTo.none,
+    tuned: Annotated[
+        Path | None,
+        typer.Option(
+            "--tuned",
+            help="The tuned.json of abmll tune: each method's tuned values on top of the shared config (recorded "
+            "in its results and the report).",
+        ),
+    ] = None,
 ) -> None:
     """Run several methods on the same tasks, support sets, scorer and budget, and write a report. The preset
     gives the seeds, the query-set cap, the setting and the shared config; --config replaces that config, --set
-    overrides its fields, and the model is loaded in its compute.dtype on --device."""
+    overrides its fields, --tuned adds each method's tuned values, and the model is loaded in its compute.dtype
+    on --device."""
     with _errors():
         _run_comparison(
             methods, _value(preset), data, setting, model, seeds, out, resume, k, tasks=tasks, device=device,
-            config=config, sets=sets, report_to=report_to, columns=columns,
+            config=config, sets=sets, report_to=report_to, columns=columns, tuned=tuned,
         )  # fmt: skip
 
 
@@ -827,6 +847,81 @@ def demo(
             "zero-shot,lora,abmll", _value(preset), None, None, None, None, out or Path(f"runs/demo-{_value(preset)}"),
             resume, device=device, config=config, sets=sets, report_to=report_to,
         )  # fmt: skip
+
+
+@app.command()
+def tune(
+    out: Annotated[Path, typer.Option("--out", help="Study folder: tune.db (the Optuna studies), tuned.json.")],
+    methods: Annotated[
+        str, typer.Option("--methods", help="Comma-separated methods to tune (zero-shot and icl have nothing to tune).")
+    ] = "lora,abmll",
+    trials: Annotated[int, typer.Option("--trials", help="Trials per method (with --resume: in all).")] = 20,
+    preset: PresetOpt = Budget.quick,
+    model: ModelOpt = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="A task folder in the MetaICL layout ({task}/{task}_{k}_{seed}_{split}.jsonl). Default: the "
+            "built-in suite (built on first use).",
+        ),
+    ] = None,
+    setting: Annotated[
+        Path | None,
+        typer.Option(
+            "--setting",
+            help='A setting file {"train": [...], "dev": [...], "test": [...]}: meta-training on "train", trials '
+            'scored on "dev"; "test" is never read. Default: the preset\'s file in DATA/settings.',
+        ),
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option("--seeds", help="Comma-separated support-set seeds (default: the preset's).")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Support examples per dev task (k-shot).")] = 16,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the TPE sampler and of every trial's meta-training.")
+    ] = 0,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override any config field; a searched field set here is held, not searched."),
+    ] = None,
+    device: DeviceOpt = "auto",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the studies in OUT/tune.db up to --trials per method.")
+    ] = False,
+) -> None:
+    """Search each method's hyperparameters (abmll.tune.SEARCH_SPACE, docs/TUNING.md) on the setting's
+    meta-validation ('dev') tasks, never its test tasks: the same trials and budget per method, each trial scored
+    by the mean query NLL over the dev episodes after meta-training on the 'train' tasks. Writes OUT/tuned.json,
+    which abmll compare --tuned reads."""
+    with _errors():
+        from abmll.config import ABMLLConfig
+        from abmll.tune import from_setting, run_tuning
+
+        overrides = _parse_sets(sets)
+        ABMLLConfig().override(overrides)  # a bad --set fails before the data is touched
+        run_device = str(_device(device))
+        _check_data(data, None)
+        if data is None:
+            from abmll.suite import build_suite
+
+            data = build_suite(progress=console.print)
+        tuning = from_setting(
+            _value(preset), [m.strip() for m in methods.split(",") if m.strip()], data, setting, model, trials,
+            overrides, seeds=_parse_ints(seeds, "--seeds") if seeds else None, k=k, seed=seed, device=run_device,
+        )  # fmt: skip
+        with _reporter(out) as report:
+            tuned = run_tuning(
+                tuning, out, resume=resume, report=report,
+                say=lambda line: console.print(escape(line), highlight=False, soft_wrap=True),
+            )  # fmt: skip
+        for name, entry in tuned["study"]["methods"].items():
+            chosen = tuned.get(name, {}).items()
+            values = ", ".join(f"{f}={v:.4g}" if isinstance(v, float) else f"{f}={v}" for f, v in chosen)
+            best = f"dev NLL {entry['best_nll']:.4f}" if entry["best_nll"] is not None else "no trial finished"
+            count = f"{entry['trials']} trial{'' if entry['trials'] == 1 else 's'}"
+            results_console.print(f"{name}: {count}, {best}; {values}", markup=False, highlight=False)
+        console.print(f"tuned: {out / 'tuned.json'}")
 
 
 ExportCheckpointOpt = Annotated[

@@ -3,6 +3,8 @@ same tasks, the same support sets, the same scorer and the same budget (METHOD.m
 preset (:attr:`abmll.methods.Method.default_overrides`, e.g. second-order gradients for ``maml``) is applied on
 top of the shared config where that config leaves the field at the library default, and recorded in the
 cell's ``train/config.json`` info, the method's ``results.json`` (``method_overrides``) and ``report.md``.
+Values tuned on meta-validation tasks (:attr:`Comparison.tuned`, from ``abmll tune``'s ``tuned.json``) go on
+top of both, recorded the same way (``tuned``).
 
 One cell per (method, seed): meta-train with that seed (methods that learn across tasks), then adapt to every
 test task from its k-shot support set drawn with that seed and score the query set. Cells are written to
@@ -112,6 +114,9 @@ class Comparison:
     #: A column mapping: ``data_dir`` is then a datasets folder, a parquet, CSV or JSONL file, or a folder of
     #: them, read with :func:`abmll.tasks.readers.read_column_data` (None: a MetaICL folder).
     columns: dict[str, Any] | None = None
+    #: Per method, config values tuned on meta-validation tasks (:func:`abmll.tune.read_tuned`), applied on top
+    #: of the shared config and the method's own preset in each of its cells.
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
     _read: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -241,7 +246,8 @@ def run_cell(
     start = time.perf_counter()
     scoped = tracker.scoped(f"{method_name}/seed-{seed}") if tracker is not None else None
     overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
-    config = comparison.config.override({**overrides, "seed": seed})
+    tuned = comparison.tuned.get(method_name, {})  # abmll tune's values, on top
+    config = comparison.config.override({**overrides, **tuned, "seed": seed})
     compute = config.compute
     model, tokenizer = load_model(
         comparison.model, dtype=compute.dtype, quantization=compute.quantization, device=comparison.device
@@ -255,6 +261,8 @@ def run_cell(
         info["columns"] = comparison.columns
     if overrides:
         info["method_overrides"] = overrides
+    if tuned:
+        info["tuned"] = tuned
     shared = shared_meta_training(comparison, method_name, config, out) if method.meta_learns else None
     if shared is not None:  # e.g. abmll-icl scores with the θ of the abmll cell of this seed
         try:
@@ -361,7 +369,8 @@ def _check_kept_cell(comparison: Comparison, method_name: str, seed: int, cell: 
     with another config (a field the cell's abmll did not know yet is not compared), k, query-set cap, model
     or test tasks than this comparison gives it: the report would pool it under a config it did not use."""
     recorded = read_results(cell / "results.json")
-    config = comparison.config.override({**method_overrides(method_name, comparison.config), "seed": seed})
+    tuned = comparison.tuned.get(method_name, {})
+    config = comparison.config.override({**method_overrides(method_name, comparison.config), **tuned, "seed": seed})
     ran, wanted = flatten(recorded.get("config") or {}), flatten(config.to_dict())
     differ = {f"config {key}": (ran[key], wanted[key]) for key in wanted if key in ran and ran[key] != wanted[key]}
     protocol = {
@@ -455,6 +464,8 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
             predictions += read_predictions(out / method_name / f"seed-{seed}" / "predictions.jsonl")
         overrides = method_overrides(method_name, comparison.config)
         own = {"method_overrides": overrides} if overrides else {}
+        if comparison.tuned.get(method_name):
+            own["tuned"] = comparison.tuned[method_name]
         results[method_name] = write_results(out / method_name, predictions, {"method": method_name, **meta, **own})
         reliability_diagram(
             predictions, results[method_name]["mean"], out / f"reliability-{method_name}.png", method_name
@@ -603,6 +614,7 @@ def _report_markdown(
         *query_sets_markdown(next(iter(results.values()), {}).get("query_sets")),
         f"Budget (the same for every method): `{_budget(comparison.config)}`.",
         *_overrides_markdown(comparison.methods, comparison.config),
+        *_tuned_markdown(comparison),
         "",
         "## Accuracy and ECE per task",
         "",
@@ -665,6 +677,22 @@ def _overrides_markdown(methods: list[str], config: ABMLLConfig) -> list[str]:
             preset = ", ".join(f"`{k}={v}`" for k, v in METHODS[name].default_overrides.items())
             parts.append(f"`{name}`: the comparison's config (its own preset would set {preset})")
     return [f"Method-specific settings: {'; '.join(parts)}."] if parts else []
+
+
+def _tuned_markdown(comparison: Comparison) -> list[str]:
+    """A line naming each method's tuned values (``abmll tune``) and the methods run untuned (none tuned: no
+    line)."""
+    tuned = [m for m in comparison.methods if comparison.tuned.get(m)]
+    if not tuned:
+        return []
+    source = f" (`{comparison.extra['tuned']}`)" if "tuned" in comparison.extra else ""
+    parts = []
+    for name in tuned:
+        values = (f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in comparison.tuned[name].items())
+        parts.append(f"`{name}`: {', '.join(values)}")
+    untuned = [f"`{m}`" for m in comparison.methods if m not in tuned]
+    rest = f"; untuned: {', '.join(untuned)}" if untuned else ""
+    return [f"Tuned on the meta-validation tasks{source}, on top of the shared config: {'; '.join(parts)}{rest}."]
 
 
 def data_sources_markdown(data_dir: Path, tasks: list[str]) -> str:
