@@ -84,14 +84,15 @@ def assert_missing_options_are_minus_inf(scores: torch.Tensor, examples) -> None
 
 
 # --- padding side and batch independence ------------------------------------------------------------------
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("scorer", ["option", "label"])
-def test_left_and_right_padding_give_the_same_scores(tiny, scorer):
+def test_left_and_right_padding_give_the_same_scores(tiny, scorer, shared):
     model, tok = tiny
     left_scorer = Scorer(tok, ScoringConfig(scorer=scorer), padding_side="left")
     enc = left_scorer.encode(MIXED)
     assert (enc.attention_mask[:, 0] == 0).any() and (enc.attention_mask[:, -1] == 1).all()  # really left-padded
-    left = score(model, tok, MIXED, "left", scorer=scorer)
-    right = score(model, tok, MIXED, "right", scorer=scorer)
+    left = score(model, tok, MIXED, "left", scorer=scorer, shared_prefix=shared)
+    right = score(model, tok, MIXED, "right", scorer=scorer, shared_prefix=shared)
     assert left.shape == right.shape == (3, 4)
     assert_missing_options_are_minus_inf(left, MIXED)
     assert_missing_options_are_minus_inf(right, MIXED)
@@ -105,21 +106,27 @@ def test_left_and_right_padding_give_the_same_scores(tiny, scorer):
         torch.testing.assert_close(left.exp().sum(-1), torch.ones(3))
 
 
-def test_padding_check_is_sensitive_to_leaked_pads(tiny, monkeypatch):
+@pytest.mark.parametrize("shared", [False, True])
+def test_padding_check_is_sensitive_to_leaked_pads(tiny, monkeypatch, shared):
     """The padding test above has power: attending to the pad tokens (an all-ones attention mask on a
-    left-padded batch) moves the scores by far more than TOL. (A constant shift of the position ids would
-    not: RoPE attention depends only on relative positions.)"""
+    left-padded batch) moves the scores by far more than TOL, on the plain and on the shared-prefix path. (A
+    constant shift of the position ids would not: RoPE attention depends only on relative positions.)"""
     model, tok = tiny
-    right = score(model, tok, MIXED, "right")
-    encode = Scorer.encode
-    monkeypatch.setattr(
-        Scorer,
-        "encode",
-        lambda self, ex: dataclasses.replace(
-            enc := encode(self, ex), attention_mask=torch.ones_like(enc.attention_mask)
-        ),
-    )
-    wrong = score(model, tok, MIXED, "left")
+    right = score(model, tok, MIXED, "right", shared_prefix=shared)
+    if shared:
+        pad = Scorer._pad
+        all_ones = lambda ids, mask, last: (ids, torch.ones_like(mask), last)  # noqa: E731
+        monkeypatch.setattr(Scorer, "_pad", lambda self, *a: all_ones(*pad(self, *a)))
+    else:
+        encode = Scorer.encode
+        monkeypatch.setattr(
+            Scorer,
+            "encode",
+            lambda self, ex: dataclasses.replace(
+                enc := encode(self, ex), attention_mask=torch.ones_like(enc.attention_mask)
+            ),
+        )
+    wrong = score(model, tok, MIXED, "left", shared_prefix=shared)
     finite = torch.isfinite(right)
     assert (wrong[finite] - right[finite]).abs().max().item() > 1e-3
 
@@ -136,20 +143,25 @@ def test_each_row_equals_the_example_scored_alone(tiny, scorer, padding_side):
 
 
 def test_lm_head_runs_only_at_the_read_positions(tiny):
+    """Plain path: one head row per option token (label scorer: per example). Shared-prefix path: one per
+    prompt (its last position predicts every option's first token), then one per further option token."""
     model, tok = tiny
     seen = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
-        for scorer in ("option", "label"):
-            s = Scorer(tok, ScoringConfig(scorer=scorer), padding_side="left")
-            n_read = int(s.encode(MIXED).read_mask.sum())
-            with torch.no_grad():
-                s(model, MIXED)
-            assert seen[-1][:-1] == (n_read,)
+        for shared in (False, True):
+            for scorer in ("option", "label"):
+                s = Scorer(tok, ScoringConfig(scorer=scorer, shared_prefix=shared), padding_side="left")
+                n_read = int(s.encode(MIXED).read_mask.sum())
+                with torch.no_grad():
+                    s(model, MIXED)
+                if not shared:
+                    assert seen[-1] == n_read
     finally:
         handle.remove()
-    n_option_tokens = sum(len(ids_of(tok, " " + o, special=False)) for ex in MIXED for o in ex.options)
-    assert seen[0][0] == n_option_tokens and seen[1][0] == len(MIXED)
+    option_lengths = [len(ids_of(tok, " " + o, special=False)) for ex in MIXED for o in ex.options]
+    assert seen[:2] == [sum(option_lengths), len(MIXED)]
+    assert seen[2:] == [len(MIXED), sum(n - 1 for n in option_lengths), len(MIXED)]
 
 
 # --- agreement with a hand computation -----------------------------------------------------------------

@@ -347,9 +347,17 @@ class ScoringConfig:
     max_length: int = field(
         default=512, metadata={"help": "Longest sequence; prompts are cut from the left."}
     )
+    shared_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Encode each prompt once and score its options from its key/value cache (same scores "
+            "within float rounding); false: one whole sequence per option."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check(self.scorer in SCORERS, "scoring.scorer", self.scorer, f"one of {SCORERS}")
+        _check(isinstance(self.shared_prefix, bool), "scoring.shared_prefix", self.shared_prefix, "true or false")
         _check(
             self.length_norm in LENGTH_NORMS,
             "scoring.length_norm",

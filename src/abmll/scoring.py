@@ -12,23 +12,127 @@ counted in ``Scorer.truncated`` (once per example, however many of its option ro
 tokenises to nothing is replaced by the BOS token (else EOS), as lm-evaluation-harness does, so the first
 option token is still predicted from a real position. Examples with fewer options than the batch's widest
 get ``-inf`` in the missing columns (probability 0).
+
+Shared prefix (``scoring.shared_prefix``, on by default): each distinct prompt is encoded once and its options
+are scored from its key/value cache, in evaluation and in the training forward + backward (gradients flow
+through the cache to the adapter); a prompt prefix shared by the whole batch (≥ ``SHARED_MIN`` tokens, e.g.
+ICL demonstrations) gets one pass of its own, and inside :meth:`Scorer.reuse_prefix` it is kept across calls.
+The scores are the plain path's up to float rounding (tests/test_shared_prefix.py). Models whose decoder takes
+no ``cache``, sliding-window attention and gradient checkpointing under autograd use the plain path.
 """
 
 from __future__ import annotations
 
+import inspect
 import string
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
 
 from abmll.config import ScoringConfig
 from abmll.errors import ConfigError
 from abmll.tasks.data import Example
 
 LETTERS = string.ascii_uppercase
+#: Prompt tokens that every row of a batch must share for the shared-prefix path to give them a pass of their own.
+SHARED_MIN = 16
+
+
+def _split(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """The model's decoder and its LM head (None when they are not separable)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return decoder, (None if decoder is model else head)
+
+
+def _logits(model: nn.Module, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on the hidden states read, in float32 (float64 for a float64 model), with the model's final
+    logit soft-capping if any."""
+    logits = head(hidden)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _can_share(model: nn.Module) -> bool:
+    """Whether the shared-prefix path applies: a separable decoder that takes a key/value ``cache``, full
+    attention in every layer, and no gradient checkpointing under autograd (it drops the cache)."""
+    decoder, head = _split(model)
+    config = getattr(decoder, "config", None)
+    if head is None or config is None or "cache" not in inspect.signature(decoder.forward).parameters:
+        return False
+    types = getattr(config, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return False
+    if types is None and getattr(config, "sliding_window", None) is not None:
+        return False
+    return not (
+        torch.is_grad_enabled()
+        and any(getattr(m, "gradient_checkpointing", False) and m.training for m in decoder.modules())
+    )
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class _Pass:
+    """The keys and values one decoder pass added, per layer ``[rows, heads, length, head_dim]``, and its mask."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # [rows, length]
+
+    def crop(self, length: int) -> _Pass:
+        keys = [k[..., :length, :] for k in self.keys]
+        return _Pass(keys, [v[..., :length, :] for v in self.values], self.mask[:, :length])
+
+
+@dataclass
+class _Kept:
+    """A batch prefix kept by :meth:`Scorer.reuse_prefix`: its tokens and its pass."""
+
+    ids: list[int] = field(default_factory=list)
+    prefix: _Pass | None = None
+
+
+class _PrefixedLayer(DynamicLayer):
+    """One decoder layer's keys and values for a pass that continues earlier ones: theirs (each expanded to
+    this pass's rows: its one row shared, or the rows of ``rows``), then this pass's own, which alone it keeps."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+        super().__init__()
+        self.past = past
+        self.past_length = sum(k.shape[-2] for k, _, _ in past)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys, self.values, self.is_initialized = key_states, value_states, True
+        if not self.past:
+            return key_states, value_states
+        n = key_states.shape[0]
+
+        def rows_of(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            return t.expand(n, -1, -1, -1) if rows is None else t.index_select(0, rows)
+
+        keys = [rows_of(k, rows) for k, _, rows in self.past]
+        values = [rows_of(v, rows) for _, v, rows in self.past]
+        return torch.cat([*keys, key_states], dim=-2), torch.cat([*values, value_states], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return self.past_length + (self.keys.shape[-2] if self.is_initialized else 0)
 
 
 @dataclass
@@ -48,6 +152,17 @@ class Encoded:
     @property
     def position_ids(self) -> torch.Tensor:
         return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class Row:
+    """One sequence to score: the (cut) prompt's tokens and the option's (empty for the label scorer)."""
+
+    context: list[int]
+    option_ids: list[int]
+    example: int
+    option: int
+    norm: float  # divisor of the option's log-probability (length normalisation)
 
 
 def label_prompt(example: Example, answer_cue: str = "Answer:") -> str:
@@ -78,6 +193,7 @@ class Scorer:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.prefix_id = self.pad_id if prefix is None else int(prefix)  # context of an empty prompt
         self._label_ids: dict[int, list[int]] = {}
+        self._kept: _Kept | None = None  # the prefix kept by reuse_prefix
 
     # --- encoding ------------------------------------------------------------------------------------
     def _context_ids(self, text: str) -> list[int]:
@@ -113,43 +229,48 @@ class Scorer:
             self._label_ids[n_options] = ids
         return self._label_ids[n_options]
 
-    def encode(self, examples: Sequence[Example]) -> Encoded:
+    def rows(self, examples: Sequence[Example]) -> list[Row]:
+        """The sequences to score, one per (example, option) (one per example for the label scorer), with the
+        prompt cut from the left to fit ``max_length`` (counted in ``truncated``)."""
         if not examples:
             raise ValueError("cannot score an empty batch")
-        n_options = max(len(ex.options) for ex in examples)
-        rows: list[
-            tuple[list[int], list[int], int, int, float]
-        ] = []  # (ids, read positions, example, option, len)
-        target_rows: list[list[int]] = []
+        out: list[Row] = []
         if self.config.scorer == "label":
             for e, ex in enumerate(examples):
                 self.label_ids(len(ex.options))  # validates the labels
                 full = self._context_ids(label_prompt(ex))
                 ids = self._cut(full, 0)
                 self.truncated += len(ids) < len(full)
-                rows.append((ids, [len(ids) - 1], e, 0, 1.0))
-                target_rows.append([self.pad_id] * len(ids))
-        else:
-            for e, ex in enumerate(examples):
-                context = self._context_ids(ex.input) or [self.prefix_id]
-                cut = False
-                for o, option in enumerate(ex.options):
-                    cont = list(
-                        self.tokenizer(self.target_delimiter + option, add_special_tokens=False)["input_ids"]
-                    )
-                    if not cont:
-                        raise ConfigError(f"option {option!r} of example {ex.id!r} tokenises to nothing")
-                    ctx = self._cut(context, len(cont))
-                    cut = cut or len(ctx) < len(context)
-                    ids = ctx + cont
-                    read = list(range(len(ctx) - 1, len(ids) - 1))
-                    targets = [self.pad_id] * len(ids)
-                    for p in read:
-                        targets[p] = ids[p + 1]
-                    norm = {"none": 1.0, "token": float(len(cont)), "char": float(max(len(option), 1))}
-                    rows.append((ids, read, e, o, norm[self.config.length_norm]))
-                    target_rows.append(targets)
-                self.truncated += cut
+                out.append(Row(ids, [], e, 0, 1.0))
+            return out
+        for e, ex in enumerate(examples):
+            context = self._context_ids(ex.input) or [self.prefix_id]
+            cut = False
+            for o, option in enumerate(ex.options):
+                cont = list(self.tokenizer(self.target_delimiter + option, add_special_tokens=False)["input_ids"])
+                if not cont:
+                    raise ConfigError(f"option {option!r} of example {ex.id!r} tokenises to nothing")
+                ctx = self._cut(context, len(cont))
+                cut = cut or len(ctx) < len(context)
+                norm = {"none": 1.0, "token": float(len(cont)), "char": float(max(len(option), 1))}
+                out.append(Row(ctx, cont, e, o, norm[self.config.length_norm]))
+            self.truncated += cut
+        return out
+
+    def encode(self, examples: Sequence[Example]) -> Encoded:
+        """The plain path's padded batch: every row's whole sequence (prompt and option)."""
+        n_options = max(len(ex.options) for ex in examples) if examples else 0
+        rows: list[tuple[list[int], list[int], int, int, float]] = []  # (ids, read positions, example, option, len)
+        target_rows: list[list[int]] = []
+        for row in self.rows(examples):
+            ids = row.context + row.option_ids
+            read = list(range(len(row.context) - 1, len(ids) - 1)) if row.option_ids else [len(ids) - 1]
+            targets = [self.pad_id] * len(ids)
+            if row.option_ids:
+                for p in read:
+                    targets[p] = ids[p + 1]
+            rows.append((ids, read, row.example, row.option, row.norm))
+            target_rows.append(targets)
         width = max(len(r[0]) for r in rows)
         N = len(rows)
         input_ids = torch.full((N, width), self.pad_id, dtype=torch.long)
@@ -176,32 +297,28 @@ class Scorer:
 
     # --- scoring -------------------------------------------------------------------------------------
     def _read_logits(self, model: nn.Module, enc: Encoded) -> torch.Tensor:
-        """Logits ``[n_read, vocab]`` at the read positions only, in float32."""
+        """Logits ``[n_read, vocab]`` at the read positions only, in float32 (the plain path)."""
         device = next(model.parameters()).device
         kwargs = dict(
             input_ids=enc.input_ids.to(device),
             attention_mask=enc.attention_mask.to(device),
             position_ids=enc.position_ids.to(device),
         )
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        decoder, head = _split(model)
         read = enc.read_mask.to(device)
-        if decoder is model or head is None:  # no separable head: full logits, then read
+        if head is None:  # no separable head: full logits, then read
             return model(**kwargs).logits[read].float()
-        hidden = decoder(**kwargs).last_hidden_state[read]
-        logits = head(hidden).float()
-        cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return _logits(model, head, decoder(**kwargs).last_hidden_state[read])
 
     def __call__(self, model: nn.Module, examples: Sequence[Example]) -> torch.Tensor:
         """Option log-probabilities ``[len(examples), n_options]`` (unnormalised over options for the
         option scorer; -inf where an example has fewer options)."""
+        if self.config.shared_prefix and _can_share(model):
+            return self._shared(model, examples)
         enc = self.encode(examples)
         logits = self._read_logits(model, enc)
         device = logits.device
-        out = torch.full((enc.n_examples, enc.n_options), float("-inf"), device=device)
+        out = torch.full((enc.n_examples, enc.n_options), float("-inf"), device=device, dtype=logits.dtype)
         if self.config.scorer == "label":
             for e, ex in enumerate(examples):
                 ids = self.label_ids(len(ex.options))
@@ -212,9 +329,121 @@ class Scorer:
         )
         row_of_read = torch.arange(enc.input_ids.shape[0], device=device)[:, None].expand_as(enc.read_mask)
         row_of_read = row_of_read[enc.read_mask.to(device)]
-        per_row = torch.zeros(enc.input_ids.shape[0], device=device).index_add(0, row_of_read, token_lp[:, 0])
+        per_row = torch.zeros(enc.input_ids.shape[0], device=device, dtype=logits.dtype)
+        per_row = per_row.index_add(0, row_of_read, token_lp[:, 0])
         per_row = per_row / enc.lengths.to(device)
         return out.index_put((enc.row_example.to(device), enc.row_option.to(device)), per_row)
+
+    # --- the shared-prefix path ----------------------------------------------------------------------
+    @contextmanager
+    def reuse_prefix(self) -> Iterator[None]:
+        """Inside, the caller promises that the model's weights (and its adapters' posterior and weight sample)
+        stay fixed: a prompt prefix shared by a whole batch (e.g. ICL demonstrations) is encoded once, under
+        ``torch.no_grad``, and its keys and values are reused by every later call that starts with it."""
+        previous, self._kept = self._kept, _Kept()
+        try:
+            yield
+        finally:
+            self._kept = previous
+
+    def _pad(self, seqs: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask ``[N, L]`` padded on the scorer's side, and each row's last real index."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        last = torch.zeros(len(seqs), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            offset = width - len(seq) if self.padding_side == "left" else 0
+            ids[i, offset : offset + len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, offset : offset + len(seq)] = 1
+            last[i] = offset + len(seq) - 1
+        return ids.to(device), mask.to(device), last.to(device)
+
+    def _forward(self, decoder: nn.Module, seqs: Sequence[list[int]], past: list[tuple[_Pass, torch.Tensor | None]]):
+        """The decoder on ``seqs`` continuing the earlier passes ``past`` (each with the row of that pass that
+        every new row continues, or None when that pass has one row, shared by all): the last hidden states,
+        this pass's keys and values, and each row's last real index. Position ids continue each row's real
+        tokens, so padding (here or in ``past``) changes nothing."""
+        device = next(decoder.parameters()).device
+        ids, mask, last = self._pad(seqs, device)
+        n = ids.shape[0]
+        masks = [p.mask.expand(n, -1) if rows is None else p.mask[rows] for p, rows in past]
+        before = sum((m.sum(-1) for m in masks), torch.zeros(n, dtype=torch.long, device=device))
+        layers = [
+            _PrefixedLayer([(p.keys[i], p.values[i], rows) for p, rows in past])
+            for i in range(decoder.config.num_hidden_layers)
+        ]
+        cache = Cache(layers=layers)
+        hidden = decoder(
+            input_ids=ids,
+            attention_mask=torch.cat([*masks, mask], dim=-1),
+            position_ids=(before[:, None] + mask.cumsum(-1) - 1).clamp(min=0),
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
+        return hidden, _Pass([la.keys for la in layers], [la.values for la in layers], mask), last
+
+    def _batch_prefix(self, decoder: nn.Module, contexts: list[list[int]]) -> tuple[list, int]:
+        """The pass of the prompt tokens shared by every row of the batch (all but each prompt's last), when
+        there are at least ``SHARED_MIN`` of them or when a kept one (:meth:`reuse_prefix`) covers that many;
+        and its length (0: none)."""
+        first = contexts[0]
+        shared = min(len(c) for c in contexts) - 1
+        for c in contexts[1:]:
+            shared = min(shared, _common(first, c))
+        kept = self._kept if self._kept is not None and not torch.is_grad_enabled() else None
+        if kept is not None and kept.prefix is not None:
+            common = _common(kept.ids, first[:shared])
+            if common >= SHARED_MIN:
+                return [(kept.prefix.crop(common), None)], common
+        if shared < SHARED_MIN:
+            return [], 0
+        _, prefix, _ = self._forward(decoder, [first[:shared]], [])
+        if kept is not None:
+            kept.ids, kept.prefix = first[:shared], prefix
+        return [(prefix, None)], shared
+
+    def _shared(self, model: nn.Module, examples: Sequence[Example]) -> torch.Tensor:
+        """The scores of :meth:`__call__` with each distinct prompt encoded once: a pass over the prompt prefix
+        shared by the batch (:meth:`_batch_prefix`), one over each distinct prompt (the rest of it), whose last
+        position predicts every option's first token, and one over each option's other tokens, continuing its
+        prompt's keys and values. Gradients flow through all three to the adapter."""
+        decoder, head = _split(model)
+        rows = self.rows(examples)
+        index: dict[tuple[int, ...], int] = {}
+        contexts: list[list[int]] = []
+        for row in rows:
+            if index.setdefault(tuple(row.context), len(contexts)) == len(contexts):
+                contexts.append(row.context)
+        past, start = self._batch_prefix(decoder, contexts)
+        hidden, prompts, last = self._forward(decoder, [c[start:] for c in contexts], past)
+        logits = _logits(model, head, hidden[torch.arange(len(contexts), device=hidden.device), last])
+        device = logits.device
+        width = max(len(ex.options) for ex in examples)
+        out = torch.full((len(examples), width), float("-inf"), device=device, dtype=logits.dtype)
+        of_row = torch.tensor([index[tuple(row.context)] for row in rows], device=device)
+        if self.config.scorer == "label":
+            for e, ex in enumerate(examples):
+                ids = self.label_ids(len(ex.options))
+                out[e, : len(ids)] = torch.log_softmax(logits[of_row[e], ids], dim=-1)
+            return out
+        first = torch.tensor([row.option_ids[0] for row in rows], device=device)
+        per_row = torch.log_softmax(logits, dim=-1)[of_row, first]
+        longer = [i for i, row in enumerate(rows) if len(row.option_ids) > 1]
+        if longer:
+            at = torch.tensor(longer, device=device)
+            hidden, _, _ = self._forward(
+                decoder, [rows[i].option_ids[:-1] for i in longer], [*past, (prompts, of_row[at])]
+            )
+            targets, mask, _ = self._pad([rows[i].option_ids[1:] for i in longer], device)
+            read = mask.bool()
+            token_lp = torch.log_softmax(_logits(model, head, hidden[read]), dim=-1).gather(-1, targets[read][:, None])
+            row_of_read = at[:, None].expand_as(read)[read]
+            per_row = per_row.index_add(0, row_of_read, token_lp[:, 0])
+        per_row = per_row / torch.tensor([row.norm for row in rows], device=device)
+        example = torch.tensor([row.example for row in rows], device=device)
+        option = torch.tensor([row.option for row in rows], device=device)
+        return out.index_put((example, option), per_row)
 
     def nll(self, model: nn.Module, examples: Sequence[Example]) -> torch.Tensor:
         """The training likelihood: mean cross-entropy over the options (``likelihood='options'``) or the
