@@ -5,6 +5,7 @@ lengths, prompts cut from the left, a prompt prefix shared by the whole batch, a
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from test_scoring import LONG, MIXED, sharp_tiny
 
 from abmll.bayes import prior, weight_sample
 from abmll.config import ScoringConfig
+from abmll.methods import create_method
+from abmll.methods.icl import SEPARATOR, demonstration
+from abmll.models import tiny_llama
 from abmll.scoring import SHARED_MIN, Scorer
 from abmll.tasks.data import Example
 
@@ -158,3 +162,44 @@ def test_reuse_prefix_keeps_nothing_under_autograd(adapted):
         for _ in range(2):
             grads = torch.autograd.grad(scorer.nll(model, DEMONSTRATED), list(theta.values()))
             assert_same_gradients(plain, dict(zip(theta, grads, strict=True)))
+
+
+# --- ICL: demonstrations encoded once per task (and weight sample) --------------------------------------------
+def icl_method(name: str, side: str, **overrides):
+    config = make_config(**{"predict.samples": 2, "meta.micro_batch_size": 2, **overrides})
+    model, tok = tiny_llama(seed=0)
+    return create_method(name, model, Scorer(tok, config.scoring, padding_side=side), config)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(("name", "passes"), [("icl", 1), ("abmll-icl", 2)])
+def test_icl_encodes_the_demonstrations_once_per_task_with_the_plain_predictions(toy_examples, name, passes, side):
+    """8 demonstrations, 4 query examples in micro-batches of 2: the plain path encodes the demonstrations in
+    every row (2 options × 4 queries × samples), the shared one once (once per weight sample for abmll-icl)."""
+    support, query = toy_examples[:8], toy_examples[8:]
+    probs = {}
+    for shared in (False, True):
+        method = icl_method(name, side, **{"scoring.shared_prefix": shared})
+        adapted = method.adapt(support, 0)
+        demos = SEPARATOR.join(demonstration(s, method.scorer) for s in support)
+        n_demos = len(method.scorer.tokenizer(demos)["input_ids"])
+
+        def run(m=method, a=adapted, s=shared):
+            probs[s] = m.predict(a, query, 0)
+
+        shapes = embedded_lengths(method.model, run)
+        encodings = sum(rows for rows, width in shapes if width >= n_demos)  # rows that hold the demonstrations
+        assert encodings == (passes if shared else 2 * len(query) * passes), shapes
+    assert (probs[False] - probs[True]).abs().max().item() < TOL
+
+
+def test_icl_warns_naming_the_task_when_demonstrations_are_dropped(toy_examples, caplog):
+    method = icl_method("icl", "left", **{"scoring.max_length": 40})
+    method.task = "toy-task"
+    with caplog.at_level(logging.WARNING, logger="abmll.methods.icl"):
+        method.predict(method.adapt(toy_examples[:8], 0), toy_examples[8:], 0)
+    assert "task 'toy-task': 4 of 4 query examples keep fewer than the 8 demonstrations" in caplog.text
+    caplog.clear()
+    method = icl_method("icl", "left")  # the default max_length holds all 8
+    method.predict(method.adapt(toy_examples[:8], 0), toy_examples[8:], 0)
+    assert "demonstrations" not in caplog.text

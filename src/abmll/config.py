@@ -345,7 +345,12 @@ class ScoringConfig:
         metadata={"help": "Training NLL: 'options' (cross-entropy over options) or 'lm' (gold token NLL)."},
     )
     max_length: int = field(
-        default=512, metadata={"help": "Longest sequence; prompts are cut from the left."}
+        default=8192,
+        metadata={
+            "help": "Longest sequence; prompts are cut from the left, ICL drops its oldest demonstrations "
+            "(with a warning naming the task). 8192: SmolLM2's context, room for 16 demonstrations of the "
+            "built-in tasks but those with long passages; lower it for a model with a shorter context."
+        },
     )
     shared_prefix: bool = field(
         default=True,

@@ -207,6 +207,7 @@ def evaluate(
                     )
                 what += " (kept)"
             else:
+                method.task = name
                 probs = method.predict(method.adapt(ep.support, ep.seed), ep.query, ep.seed)
                 rows = [
                     {"task": name, "seed": ep.seed, "id": ex.id, "gold": ex.gold, "probs": row[: len(ex.options)]}

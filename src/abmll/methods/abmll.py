@@ -271,15 +271,14 @@ class ABMLL(Method):
         """The posterior predictive (eq. 9): probabilities averaged over S samples, or the mean ΔW."""
         mode = self.config.predict.mode if self.stochastic else "mean"
         seeds = [None] if mode == "mean" else self._seeds(_PREDICT, seed, count=self.config.predict.samples)
-        out = []
+        parts = chunks(list(query), self.config.meta.micro_batch_size)
+        probs = [0.0] * len(parts)
         with posterior(self.model, adapted):
-            for chunk in chunks(list(query), self.config.meta.micro_batch_size):
-                probs = 0.0
-                for s in seeds:
-                    with weight_sample(self.model, s):
-                        probs = probs + torch.softmax(self.scorer(self.model, chunk), dim=-1)
-                out.append(probs / len(seeds))
-        return torch.cat(out).cpu()
+            for s in seeds:  # one weight sample at a time: a prompt prefix shared by the query set is encoded once
+                with weight_sample(self.model, s), self.scorer.reuse_prefix():
+                    for i, chunk in enumerate(parts):
+                        probs[i] = probs[i] + torch.softmax(self.scorer(self.model, chunk), dim=-1)
+        return torch.cat([p / len(seeds) for p in probs]).cpu()
 
     # --- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

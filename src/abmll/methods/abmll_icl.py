@@ -5,7 +5,7 @@ Meta-training and adaptation are ABMLL's, unchanged: θ is learned on plain prom
 checkpoint can be evaluated as ``abmll-icl``), and φᴷ is reached by K_test inner steps on the plain support
 set with the same weight samples as ``abmll``. Only the prediction differs: ABMLL's posterior predictive
 (or its mean mode) on each query example prefixed with the support examples, built and truncated exactly as
-for ``icl`` (:func:`abmll.methods.icl.demonstrate`).
+for ``icl`` (:func:`abmll.methods.icl.demonstrate`); the demonstrations are encoded once per weight sample.
 """
 
 from __future__ import annotations
@@ -41,4 +41,4 @@ class ABMLLICL(ABMLL):
 
     @torch.no_grad()
     def predict(self, adapted: Demonstrated, query: Sequence[Example], seed: int) -> torch.Tensor:
-        return super().predict(adapted.phi, demonstrate(adapted.support, query, self.scorer), seed)
+        return super().predict(adapted.phi, demonstrate(adapted.support, query, self.scorer, self.task), seed)

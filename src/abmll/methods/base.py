@@ -53,6 +53,8 @@ class Method(ABC):
     demonstrates: ClassVar[bool] = False
     #: Meta-steps skipped for a non-finite loss or gradient (``meta.nonfinite = "skip"``).
     skipped_steps: int = 0
+    #: The task being evaluated (set by :func:`abmll.evaluation.evaluate`), named in messages.
+    task: str | None = None
 
     def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
         prepare_model(model, config.compute)  # base dtype, gradient checkpointing (θ stays float32)

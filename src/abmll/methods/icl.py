@@ -12,11 +12,17 @@ gold letter (``{input}\\nA. …\\nB. …\\nAnswer: B``) — and the query's lett
 Truncation: the prompt must fit in ``scoring.max_length`` tokens together with the longest option (counted
 with the scorer's own tokenizer, exactly as it will encode them); while it does not, the OLDEST
 demonstration (the first one) is dropped. If even the query alone does not fit, it is left to the scorer,
-which cuts it from the left as for any other method. Options, gold and id are unchanged.
+which cuts it from the left as for any other method. Options, gold and id are unchanged. A warning names the
+task and says how many query examples lost demonstrations.
+
+The demonstrations are one prompt prefix shared by every query example and option of a task: the scorer
+encodes them once per task (and weight sample) and reuses their key/value cache
+(:meth:`abmll.scoring.Scorer.reuse_prefix`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +32,7 @@ from abmll.scoring import LETTERS, label_prompt
 from abmll.tasks.data import Example
 
 SEPARATOR = "\n\n"
+logger = logging.getLogger(__name__)
 
 
 def demonstration(example: Example, scorer) -> str:
@@ -63,9 +70,20 @@ def with_demonstrations(support: Sequence[Example], example: Example, scorer) ->
     return fit_demonstrations(support, example, scorer)[0]
 
 
-def demonstrate(support: Sequence[Example], query: Sequence[Example], scorer) -> list[Example]:
-    """Every query example with the support set as demonstrations (:func:`with_demonstrations`)."""
-    return [with_demonstrations(support, ex, scorer) for ex in query]
+def demonstrate(
+    support: Sequence[Example], query: Sequence[Example], scorer, task: str | None = None
+) -> list[Example]:
+    """Every query example with the support set as demonstrations (:func:`fit_demonstrations`); a warning
+    naming ``task`` when some of them did not fit."""
+    fitted = [fit_demonstrations(support, ex, scorer) for ex in query]
+    short = [kept for _, kept in fitted if kept < len(support)]
+    if short:
+        logger.warning(
+            "task '%s': %d of %d query examples keep fewer than the %d demonstrations (as few as %d) in "
+            "scoring.max_length = %d tokens; the oldest were dropped",
+            task or "?", len(short), len(query), len(support), min(short), scorer.config.max_length,
+        )
+    return [ex for ex, _ in fitted]
 
 
 class ICL(ZeroShot):
@@ -79,4 +97,5 @@ class ICL(ZeroShot):
 
     @torch.no_grad()
     def predict(self, adapted: list[Example], query: Sequence[Example], seed: int) -> torch.Tensor:
-        return super().predict(None, demonstrate(adapted, query, self.scorer), seed)
+        with self.scorer.reuse_prefix():  # the demonstrations are encoded once for the whole query set
+            return super().predict(None, demonstrate(adapted, query, self.scorer, self.task), seed)
