@@ -32,6 +32,8 @@ FAST = {
     },
     "objective": {"beta": 1e-3},
     "lora": {"rank": 2, "sigma_init": 0.05},
+    # one scoring path for every run: with gradient checkpointing (the FSDP run) the scorer takes the plain path
+    "scoring": {"shared_prefix": False},
 }  # fmt: skip
 
 
