@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
-from conftest import PAIRS, family_task
+from conftest import save_tiny, write_families, write_unseen
 from typer.testing import CliRunner
 
 from abmll.bayes.inject import group_by_layer, posterior, weight_sample
 from abmll.cli import app
 from abmll.config import ABMLLConfig
 from abmll.methods import create_method
-from abmll.models import tiny_llama
 from abmll.scoring import Scorer
 from abmll.synthetic import SyntheticFamily, predictive_kl
-from abmll.tasks.data import MetaBatchSampler, Task
-from abmll.tasks.readers import write_metaicl_task
+from abmll.tasks.data import MetaBatchSampler
 
 TRAIN_TASKS = [f"fam{i}" for i in range(4)]
 
@@ -29,15 +26,10 @@ TRAIN_TASKS = [f"fam{i}" for i in range(4)]
 def folders(tmp_path_factory):
     """A saved tiny Llama and a MetaICL folder: four meta-training tasks, one unseen 8-shot task."""
     root = tmp_path_factory.mktemp("presets")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny(root)
     data = root / "data"
-    for i, name in enumerate(TRAIN_TASKS):
-        write_metaicl_task(family_task(name, PAIRS[2 * i : 2 * i + 2], 24, seed=i), data, 16384, 100, "train")
-    unseen = random.Random(100).sample(family_task("unseen", PAIRS[::3], 40, seed=9).examples, 20)
-    write_metaicl_task(Task("unseen", unseen[:8]), data, 8, 100, "train")
-    write_metaicl_task(Task("unseen", unseen[8:]), data, 8, 100, "test")
+    write_families(data, TRAIN_TASKS, 24)
+    write_unseen(data, 8, 20, [100])
     (root / "setting.json").write_text(json.dumps({"train": TRAIN_TASKS, "test": ["unseen"]}))
     return root
 

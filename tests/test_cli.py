@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -17,16 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PAIRS, family_task
+from conftest import PAIRS, family_task, invoke, ok, save_tiny, write_families, write_unseen
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from abmll.checkpoint import PRIOR_FILE, load_checkpoint
-from abmll.cli import app
 from abmll.metrics import expected_calibration_error
-from abmll.models import tiny_llama
-from abmll.tasks.data import Task
-from abmll.tasks.readers import write_metaicl_task
 
 TRAIN_TASKS = [f"fam{i}" for i in range(4)]
 TEST_TASK = "unseen"
@@ -40,16 +34,6 @@ FAST = {
     "lora": {"rank": 2},
     "predict": {"samples": 2},
 }
-
-runner = CliRunner()
-
-
-def invoke(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:
@@ -76,17 +60,10 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
     root = tmp_path_factory.mktemp("cli")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny(root)
     data = root / "data"
-    for i, name in enumerate(TRAIN_TASKS):
-        write_metaicl_task(family_task(name, PAIRS[2 * i : 2 * i + 2], N_TRAIN, seed=i), data, 16384, 100, "train")
-    test = family_task(TEST_TASK, PAIRS[::3], 40, seed=9)
-    for seed in SEEDS:
-        examples = random.Random(seed).sample(test.examples, K + N_QUERY)
-        write_metaicl_task(Task(TEST_TASK, examples[:K]), data, K, seed, "train")
-        write_metaicl_task(Task(TEST_TASK, examples[K:]), data, K, seed, "test")
+    write_families(data, TRAIN_TASKS, N_TRAIN)
+    write_unseen(data, K, K + N_QUERY, SEEDS, TEST_TASK)
     # A task held in one whole file ({task}.jsonl), sampled into episodes: 10 examples.
     small = family_task("small", PAIRS[:2], 10, seed=5)
     _write_lines(

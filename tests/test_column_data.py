@@ -10,13 +10,10 @@ import json
 
 import datasets
 import pytest
-from conftest import PAIRS, family_task
-from typer.testing import CliRunner
+from conftest import PAIRS, error_line, family_task, invoke, save_tiny
 
-from abmll.cli import app
 from abmll.errors import ConfigError, DataError
 from abmll.evaluation import load_episodes
-from abmll.models import tiny_llama
 from abmll.tasks.data import Task, example_key
 from abmll.tasks.readers import parse_column_mapping, read_column_data, read_training_task, write_metaicl_task
 
@@ -178,23 +175,11 @@ def test_a_bad_column_mapping_is_one_error(text, needle):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("columns")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny(root)
     rows = [row for task in tasks().values() for row in records(task)]
     datasets.Dataset.from_dict(columnar(rows)).to_parquet(str(root / "all.parquet"))
     (root / "setting.json").write_text(json.dumps({"train": ["fam0", "fam1"], "test": ["unseen"]}))
     return root
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 COLUMNS = "input=question,options=choices,answer=label,task=subject,id=qid"

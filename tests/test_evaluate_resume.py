@@ -5,29 +5,21 @@ predicting the kept cells again; a left-over partial evaluation is never silentl
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-import torch
-from conftest import PAIRS, family_task
+from conftest import FAST, cli_process, ok, save_tiny, write_families, write_whole_tasks
 from typer.testing import CliRunner
 
 from abmll.cli import app
-from abmll.models import tiny_llama
-from abmll.tasks.readers import write_metaicl_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TEST_TASKS = ["unseen0", "unseen1"]
 SEEDS = "100,13"
-#: Runs ``abmll evaluate`` in a fresh process with one thread and deterministic algorithms; from the
-#: ``hold``-th prediction on it sleeps instead, so that the test can kill it after the cells before it.
-WRAPPER = """
-import sys, time, torch
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True, warn_only=True)
+#: Run by ``abmll evaluate`` in a fresh process (:func:`cli_process`): from the ``hold``-th prediction on it
+#: sleeps instead, so that the test can kill it after the cells before it.
+HOLD_PREDICTION = """
 from abmll.methods.abmll import ABMLL
 hold, real, calls = int(sys.argv[1]), ABMLL.predict, []
 def predict(self, *args, **kwargs):
@@ -36,41 +28,19 @@ def predict(self, *args, **kwargs):
         time.sleep(600)
     return real(self, *args, **kwargs)
 ABMLL.predict = predict
-from abmll.cli import main
-sys.argv = ["abmll", *sys.argv[2:]]
-main()
 """
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("evres")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny(root)
     data = root / "data"
-    for i in range(2):
-        write_metaicl_task(family_task(f"fam{i}", PAIRS[2 * i : 2 * i + 2], 16, seed=i), data, 16384, 100)
-    for i, name in enumerate(TEST_TASKS):
-        task = family_task(name, PAIRS[4 + i :: 3], 24, seed=10 + i)
-        path = write_metaicl_task(task, data, 4, 100, "test")
-        path.rename(data / name / f"{name}.jsonl")
+    write_families(data, ["fam0", "fam1"], 16)
+    write_whole_tasks(data, TEST_TASKS)
     fast = root / "fast.json"
-    fast.write_text(json.dumps({"inner": {"inner_steps": 1, "test_inner_steps": 1}, "lora": {"rank": 2},
-                                "meta": {"meta_batch_size": 2, "support_size": 4, "query_size": 4}}))  # fmt: skip
+    fast.write_text(json.dumps(FAST))
     ok(runner.invoke(app, [str(a) for a in (
         "train", "--model", root / "tiny", "--data", data, "--tasks", "fam0,fam1", "--out", root / "run",
         "--steps", 2, "--config", fast, "--device", "cpu",
@@ -96,24 +66,13 @@ def test_sigkill_then_resume_gives_the_results_of_an_uninterrupted_run(env, tmp_
     assert not (straight / ".partial").exists()  # removed once results.json is written
 
     out = tmp_path / "killed"
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRAPPER, "3", *eval_args(env, out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env,
-    )  # fmt: skip
-    try:
+    with cli_process(HOLD_PREDICTION, 3, eval_args(env, out)) as proc:
         deadline = time.monotonic() + 300
         while len(cells(out)) < 2:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the evaluation never finished two cells"
             time.sleep(0.05)
         time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists() and cells(out) == ["unseen0.seed-100.jsonl", "unseen0.seed-13.jsonl"]
 

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOOD, PAIRS, family_task, make_config
+from conftest import GOOD, PAIRS, family_task, invoke, make_config, ok, save_tiny, write_families
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import abmll
 from abmll.bayes import bayes_layers, posterior, prior, weight_sample
 from abmll.checkpoint import MANIFEST, PRIOR_FILE, save_checkpoint
-from abmll.cli import app
 from abmll.errors import CheckpointError, ConfigError, DataError
 from abmll.interop import EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS, read_support
 from abmll.methods import create_method
@@ -33,16 +31,6 @@ CONFIG = make_config(**{"lora.rank": RANK, "inner.test_inner_steps": 3, "inner.i
 TEXTS = ["the cat sat on the table and the dog ran", "a big red boat on the river"]
 TRAIN_TASKS = ["fam0", "fam1"]
 ATOL = 1e-5
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
 
 
 def one_error(result, *needles: str) -> str:
@@ -102,16 +90,14 @@ def peft_logits(out: Path, tokenizer, seed: int = 0) -> tuple[torch.Tensor, torc
 def env(tmp_path_factory):
     """A tiny model folder, a checkpoint with a random μθ, a support file, and training data."""
     root = tmp_path_factory.mktemp("interop")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny(root)
+    model, tokenizer = tiny_llama(seed=0)  # the saved model: its weights depend only on the seed
     method = create_method("abmll", model, Scorer(tokenizer, CONFIG.scoring), CONFIG)
     randomise_mean(model, seed=1)
     save_checkpoint(root / "ckpt", method.state_dict(), CONFIG, {"method": "abmll", "model": str(root / "tiny")})
     support = family_task("support", PAIRS[:3], 8, seed=7)
     support_file = write_metaicl_task(support, root / "data", 8, 100, "train")
-    for i, name in enumerate(TRAIN_TASKS):
-        write_metaicl_task(family_task(name, PAIRS[2 * i : 2 * i + 2], 24, seed=i), root / "data", 16384, 100, "train")
+    write_families(root / "data", TRAIN_TASKS, 24)
     (root / "setting.json").write_text(json.dumps({"train": TRAIN_TASKS, "test": ["support"]}))
     (root / "fast.json").write_text(
         json.dumps({"lora": {"rank": RANK}, "inner": {"inner_steps": 1}, "meta": {"support_size": 8, "query_size": 8}})

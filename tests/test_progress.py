@@ -15,12 +15,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import PAIRS, family_task, tiny_comparison
+from conftest import comparison_folder, write_whole_tasks
 from rich.console import Console
 
 import abmll.progress
 from abmll.progress import PROGRESS_LOG, Reporter
-from abmll.tasks.readers import write_metaicl_task
 
 #: One progress line: what, the count (with its unit), a note, the elapsed and the estimated remaining time.
 LINE = re.compile(
@@ -28,23 +27,13 @@ LINE = re.compile(
     r"elapsed \d+:\d\d:\d\d, remaining ~\d+:\d\d:\d\d"
 )
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d "
-FAST = {
-    "inner": {"inner_steps": 1, "test_inner_steps": 1},
-    "lora": {"rank": 2},
-    "meta": {"meta_batch_size": 2, "support_size": 4, "query_size": 4},
-}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """tiny_comparison's model and data, two test tasks held in whole files, a setting and a fast config."""
-    root = tmp_path_factory.mktemp("progress")
-    tiny_comparison(root, ["zero-shot"])
-    for i, name in enumerate(["ua", "ub"]):
-        path = write_metaicl_task(family_task(name, PAIRS[4 + i :: 3], 24, seed=10 + i), root / "data", 4, 100, "test")
-        path.rename(root / "data" / name / f"{name}.jsonl")
-    (root / "setting.json").write_text(json.dumps({"train": ["fam0", "fam1"], "test": ["unseen"]}))
-    (root / "fast.json").write_text(json.dumps(FAST))
+    root = comparison_folder(tmp_path_factory.mktemp("progress"))
+    write_whole_tasks(root / "data", ["ua", "ub"])
     return root
 
 

@@ -18,7 +18,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PAIRS, family_task
+from conftest import cli_process, ok, save_tiny, write_families
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -34,9 +33,9 @@ from abmll.checkpoint import PRIOR_FILE, TRAINER_JSON, TRAINER_TENSORS, load_che
 from abmll.cli import app
 from abmll.config import ABMLLConfig
 from abmll.methods.abmll import ABMLL
-from abmll.models import tiny_llama
-from abmll.tasks.readers import write_metaicl_task
 
+#: The same thread count as the subprocesses: CPU kernels then reduce in the same order.
+pytestmark = pytest.mark.usefixtures("one_thread")
 TASKS = [f"fam{i}" for i in range(4)]
 STEPS = 10
 FAST = {
@@ -47,13 +46,10 @@ FAST = {
 }
 #: Kill points of the SIGKILL test: three distinct meta-steps drawn with a fixed seed.
 KILL_STEPS = sorted(random.Random(2024).sample(range(2, STEPS - 2), 3))
-#: Runs ``abmll train`` in a fresh process with the settings of this test process (one thread, deterministic
-#: algorithms). From meta-step ``hold`` on it sleeps instead of training, so that it cannot finish before the
-#: test kills it; this changes the timing only, never a number.
-WRAPPER = """
-import sys, time, torch
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True, warn_only=True)
+#: Run by ``abmll train`` in a fresh process with the settings of this test process (:func:`cli_process`). From
+#: meta-step ``hold`` on it sleeps instead of training, so that it cannot finish before the test kills it; this
+#: changes the timing only, never a number.
+HOLD_META_STEP = """
 from abmll.methods.abmll import ABMLL
 hold, real = int(sys.argv[1]), ABMLL.meta_step
 def meta_step(self, episodes):
@@ -61,21 +57,9 @@ def meta_step(self, episodes):
         time.sleep(600)
     return real(self, episodes)
 ABMLL.meta_step = meta_step
-from abmll.cli import main
-sys.argv = ["abmll", *sys.argv[2:]]
-main()
 """
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The same thread count as the subprocesses: CPU kernels then reduce in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass
@@ -96,21 +80,14 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
     root = tmp_path_factory.mktemp("rel")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    for i, name in enumerate(TASKS):
-        write_metaicl_task(family_task(name, PAIRS[2 * i : 2 * i + 2], 24, seed=i), root / "data", 16384, 100)
+    save_tiny(root)
+    write_families(root / "data", TASKS, 24)
     (root / "fast.json").write_text(json.dumps(FAST))
     return Env(root, root / "tiny", root / "data", root / "fast.json")
 
 
 def invoke(args: list[str]):
     return runner.invoke(app, args)
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
 
 
 def theta(folder: Path) -> dict[str, torch.Tensor]:
@@ -167,22 +144,13 @@ def wait_for_step(proc: subprocess.Popen, log_path: Path, step: int, timeout: fl
 @pytest.mark.parametrize("kill_step", KILL_STEPS)
 def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(env, reference, tmp_path, kill_step):
     out = tmp_path / "run"
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "200"}
-    cmd = [sys.executable, "-c", WRAPPER, str(kill_step + 2), *env.args(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env)
-    try:
+    with cli_process(HOLD_META_STEP, kill_step + 2, env.args(out)) as proc:
         wait_for_step(proc, out / "log.jsonl", kill_step)
         # While it runs, a second run into the same folder fails at once, naming the folder.
         second = invoke(env.args(out, "--resume"))
         assert second.exit_code == 2
         line = one_line(second)
         assert str(out) in line and "in use by another abmll run" in line
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "final").exists()  # it was killed mid-run
     logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if line.endswith("}")]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_comparison
+from conftest import comparison_folder, ok
 from typer.testing import CliRunner
 
 import abmll.models
@@ -17,17 +17,10 @@ from abmll.cli import app
 runner = CliRunner()
 
 
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """The folder of tiny_comparison: the model (tiny/), the data (data/) and a setting file."""
-    root = tmp_path_factory.mktemp("runs")
-    tiny_comparison(root, ["zero-shot"])
-    (root / "setting.json").write_text(json.dumps({"train": ["fam0", "fam1"], "test": ["unseen"]}))
-    return root
+    return comparison_folder(tmp_path_factory.mktemp("runs"))
 
 
 def compare_args(tiny: Path, out: Path, *extra) -> list[str]:

@@ -8,48 +8,27 @@ import json
 import random
 
 import pytest
-from conftest import PAIRS, family_task
-from typer.testing import CliRunner
+from conftest import PAIRS, error_line, family_task, invoke, save_tiny, write_families, write_unseen
 
-from abmll.cli import app
 from abmll.errors import DataError
 from abmll.evaluation import load_episodes, support_set
-from abmll.models import tiny_llama
 from abmll.tasks.data import Task, example_key
 from abmll.tasks.readers import read_setting, read_training_task, write_metaicl_task
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("settings")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny(root)
     data = root / "data"
-    unseen = family_task("unseen", PAIRS[::3], 40, seed=9)
-    for seed in (100, 13):
-        chosen = random.Random(seed).sample(unseen.examples, 24)
-        write_metaicl_task(Task("unseen", chosen[:8]), data, 8, seed, "train")
-        write_metaicl_task(Task("unseen", chosen[8:]), data, 8, seed, "test")
-    write_metaicl_task(family_task("fam0", PAIRS[:2], 24, seed=0), data, 16384, 100, "train")
+    write_unseen(data, 8, 24, (100, 13))
+    write_families(data, ["fam0"], 24)
     fam1 = family_task("fam1", PAIRS[2:4], 30, seed=1)  # only k-shot files, overlapping
     write_metaicl_task(Task("fam1", fam1.examples[:20]), data, 16, 100, "train")
     write_metaicl_task(Task("fam1", fam1.examples[10:30]), data, 16, 13, "dev")
     (root / "eval-only.json").write_text(json.dumps({"test": ["unseen"]}))
     (root / "empty-train.json").write_text(json.dumps({"train": [], "test": ["unseen"]}))
     return root
-
-
-def error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_a_setting_may_have_no_train_list_but_needs_test(env, tmp_path):

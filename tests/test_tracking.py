@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import tiny_comparison
+from conftest import comparison_folder, ok
 from typer.testing import CliRunner
 
 import abmll.models
@@ -24,35 +23,15 @@ from abmll.tracking import BACKENDS, REPORT_TO, Tracker, scalars
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
 STEPS = 3
-FAST = {
-    "inner": {"inner_steps": 1, "test_inner_steps": 1},
-    "lora": {"rank": 2},
-    "meta": {"meta_batch_size": 2, "support_size": 4, "query_size": 4},
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """tiny_comparison's model (tiny/) and data (data/), a setting and a fast config."""
-    root = tmp_path_factory.mktemp("tracking")
-    tiny_comparison(root, ["zero-shot"])
-    (root / "setting.json").write_text(json.dumps({"train": ["fam0", "fam1"], "test": ["unseen"]}))
-    (root / "fast.json").write_text(json.dumps(FAST))
-    return root
+    return comparison_folder(tmp_path_factory.mktemp("tracking"))
 
 
 def train_args(tiny: Path, out: Path, *extra) -> list[str]:

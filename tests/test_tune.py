@@ -10,24 +10,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import PAIRS, family_task, tiny_comparison
-from typer.testing import CliRunner
+from conftest import PAIRS, family_task, invoke, ok, tiny_comparison
 
-from abmll.cli import app
 from abmll.config import ABMLLConfig
 from abmll.methods import METHODS
 from abmll.tasks.readers import write_metaicl_task
 from abmll.tune import SEARCH_SPACE, read_tuned
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result) -> None:
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
 
 
 def refused(result, *words: str) -> str:

@@ -94,6 +94,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_methods(methods: list[str], seeds: list[int], what: str) -> None:
+    """``--methods`` names only known methods, and ``what`` (a comparison, tuning) has at least one method and
+    one seed; raises :class:`ConfigError` otherwise."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method(s) {unknown}; available: {sorted(METHODS)}")
+    if not methods or not seeds:
+        raise ConfigError(f"{what} needs at least one method and one seed")
+
+
 @dataclass
 class Comparison:
     """What to compare, on what, with which budget."""
@@ -131,11 +141,7 @@ class Comparison:
         return self._read[1]
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"--methods: unknown method(s) {unknown}; available: {sorted(METHODS)}")
-        if not self.methods or not self.seeds:
-            raise ConfigError("a comparison needs at least one method and one seed")
+        check_methods(self.methods, self.seeds, "a comparison")
         if not self.train_tasks and self.config.meta.meta_steps > 0:
             learners = [m for m in self.methods if METHODS[m].meta_learns]
             if learners:

@@ -129,11 +129,9 @@ class Tuning:
     fixed: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ConfigError(f"--methods: unknown method(s) {unknown}; available: {sorted(METHODS)}")
-        if not self.methods or not self.seeds:
-            raise ConfigError("tuning needs at least one method and one seed")
+        from abmll.compare import check_methods
+
+        check_methods(self.methods, self.seeds, "tuning")
         if self.trials < 1:
             raise ConfigError(f"--trials {self.trials} is invalid: expected an integer ≥ 1")
         if self.k < 1:
