@@ -42,8 +42,13 @@ def _bytes(model: torch.nn.Module) -> int:
 
 def _measured_vs_planned(model, tokenizer, examples, overrides: dict, gradient_checkpointing: bool = False):
     """(measured peak of a first meta-step, its plan) for one task whose support and query sets are
-    ``examples`` (so that every forward pass has the same shape), in one micro-batch."""
+    ``examples`` (so that every forward pass has the same shape), in one micro-batch.
+
+    The plan models the plain scoring path (one whole sequence per option), which is measured here; the shared-
+    prefix path (the default) is measured too and must stay below the plan: the plan is its upper bound."""
     config = ABMLLConfig().override({"meta.micro_batch_size": len(examples), **overrides})
+    shared = create_method("abmll", model, Scorer(tokenizer, config.scoring), config)
+    config = config.override({"scoring.shared_prefix": False})
     method = create_method("abmll", model, Scorer(tokenizer, config.scoring), config)
     if gradient_checkpointing:
         from abmll.models import enable_gradient_checkpointing, eval_mode
@@ -55,6 +60,7 @@ def _measured_vs_planned(model, tokenizer, examples, overrides: dict, gradient_c
     read_tokens = math.ceil(int(enc.read_mask.sum()) / rows)
     episode = Episode(task="t", support=examples, query=examples)
     measured = measure_peak(lambda: method.meta_step([episode]))
+    measured_shared = measure_peak(lambda: shared.meta_step([episode]))
     estimate = plan(
         model.config,
         rank=config.lora.rank,
@@ -67,6 +73,7 @@ def _measured_vs_planned(model, tokenizer, examples, overrides: dict, gradient_c
         order=config.inner.order,
         gradient_checkpointing=gradient_checkpointing,
     )
+    assert 0 < measured_shared <= estimate.step_rise, (format_bytes(estimate.step_rise), measured_shared)
     return measured, estimate
 
 

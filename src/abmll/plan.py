@@ -14,19 +14,19 @@ The model's module tree is built on the ``meta`` device (``AutoModelForCausalLM.
   backward pass needs), the KL term (the dense μ and σ of φ and θ: one adapted layer's at a time where
   :func:`abmll.objectives.kl_divergence` differentiates layer by layer), and the posterior copies φ.
 
-The simulated step mirrors :meth:`abmll.methods.abmll.ABMLL.meta_step` (first order by default): a float64
-sum for θ's gradient, φ⁰ = θ, inner steps (one weight sample each, NLL then β·KL gradients, the SGD update of
-φ), the straight-through φᴷ, the outer NLL and β·KL backward into θ.grad, the gradient sum, one AdamW step.
-Each forward pass runs the decoder on ``batch`` sequences of ``seq_len`` tokens and the LM head at
-``read_tokens`` positions per sequence, as the option scorer does; attention runs through the fused kernel's
-memory footprint (what CPU flash and CUDA flash or memory-efficient attention keep), or the math backend under
-second-order gradients, as in a real run. With first-order gradients nothing is kept from one inner step to the
-next, so the memory does not depend on the number of inner steps K or weight samples S (they cost time only);
-with ``second_order`` the graph of all K·S inner passes is kept. Allocator overheads (CUDA's caching allocator,
-fragmentation) are not modelled: on a GPU leave some headroom. ``tests/test_plan.py`` checks the estimate
-against the allocations of a real meta-step (``torch.profiler`` with ``profile_memory``) on the tiny test model
-and on SmolLM2-135M.
-"""
+The simulated step mirrors :meth:`abmll.methods.abmll.ABMLL.meta_step` (first order by default): a float64 sum for
+θ's gradient, φ⁰ = θ, inner steps (one weight sample each, NLL then β·KL gradients, the SGD update of φ), the
+straight-through φᴷ, the outer NLL and β·KL backward into θ.grad, the gradient sum, one AdamW step. Each forward
+pass runs the decoder on ``batch`` sequences of ``seq_len`` tokens and the LM head at ``read_tokens`` positions per
+sequence, as the option scorer's plain path does (``scoring.shared_prefix = false``: one whole sequence per option);
+the default shared-prefix path encodes each prompt once and needs less, so for it the plan is an upper bound (both
+are checked against measured meta-steps); attention runs through the fused kernel's memory footprint (what CPU flash
+and CUDA flash or memory-efficient attention keep), or the math backend under second-order gradients, as in a real
+run. With first-order gradients nothing is kept from one inner step to the next, so the memory does not depend on
+the number of inner steps K or weight samples S (they cost time only); with ``second_order`` the graph of all K·S
+inner passes is kept. Allocator overheads (CUDA's caching allocator, fragmentation) are not modelled: on a GPU leave
+some headroom. ``tests/test_plan.py`` checks the estimate against the allocations of a real meta-step
+(``torch.profiler`` with ``profile_memory``) on the tiny test model and on SmolLM2-135M. """
 
 from __future__ import annotations
 
