@@ -244,6 +244,7 @@ def main() -> None:
     parser.add_argument("--family-seed", type=int, default=0, help="the families' seed (M, the E_i, examples)")
     parser.add_argument("--probe", type=int, default=256, help="fresh inputs of the prior-recovery figures")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override FIELD=VALUE")
+    parser.add_argument("--name", default="", help="a suffix of this run's section and JSON file (a second run)")
     parser.add_argument("--json", type=Path, default=None, help=f"write the results here (--write: {JSON_PATH.name})")
     args = parse_args(parser)
     if args.quick:
@@ -284,6 +285,7 @@ def main() -> None:
         lines += family_lines(fname, result, args.methods)
     # One section (and JSON file) per set of families, so that the families can run as separate processes.
     suffix = "" if args.families == list(FAMILIES) else "_" + "_".join(args.families)
+    suffix += f"_{args.name}" if args.name else ""
     emit(SECTION + suffix, lines, args.write)
     path = args.json or (JSON_PATH.with_name(f"{JSON_PATH.stem}{suffix}.json") if args.write else None)
     if path is not None:
