@@ -133,8 +133,9 @@ def outer_kl_backward(
 
     - ``first_order``: the direct partial ∂KL/∂θ at φᴷ held fixed (the empirical-Bayes gradient): it pulls μθ
       toward μφ by (μθ − μφ)/σθ² and moves σθ toward the spread of φ around it.
-    - ``straight_through_kl``: ∂KL/∂φᴷ sent straight to θ as well (``phi`` is the straight-through φᴷ); for the
-      mean the two partials cancel exactly (∂KL/∂μφ = −∂KL/∂μθ), so the KL never pulls μθ (kept for ablation).
+    - ``straight_through_kl``: ∂KL/∂φᴷ sent straight to θ as well (``phi`` is the straight-through φᴷ); on the
+      dense mean the two partials cancel exactly (∂KL/∂μφ = −∂KL/∂μθ), and on its factors up to second order in
+      φᴷ − θ, so the KL does not pull μθ (kept for ablation).
     - ``second_order``: ∂KL/∂φᴷ sent through the K inner steps (``phi`` carries their graph), plus ∂KL/∂θ.
 
     Differentiated one layer at a time (:class:`LayerwiseGrad`), with φᴷ entering as a detached copy whose

@@ -96,7 +96,7 @@ class ABMLL(Method):
             self.scorer,
             steps=steps,
             lr=inner.inner_lr if lr is None else lr,
-            sigma_lr=inner.sigma_lr,
+            sigma_lr=inner.sigma_lr if self.stochastic else None,  # a deterministic LoRA never uses σ
             beta=self.beta,
             seeds=seeds,
             micro_batch_size=self.config.meta.micro_batch_size,
