@@ -420,6 +420,29 @@ def test_save_load_gives_identical_predictions(tmp_path, toy_examples):
     assert torch.equal(got, expected)
 
 
+def test_a_checkpoint_without_the_log_scale_loads_with_lambda_zero(tmp_path, toy_examples):
+    """Checkpoints written before λ (``sigma_scale``) existed hold four factors per layer; they load with λ = 0,
+    the σ = g(B_σ A_σ + o) + c they were trained with, and predict as a model whose λ is 0."""
+    config = make_config()
+    model, scorer = adapted_tiny(config)
+    method = ABMLL(model, scorer, config)
+    method.meta_step([_episode(toy_examples)])
+    with torch.no_grad():
+        for key, p in method.theta.items():
+            if key.endswith("sigma_scale"):
+                p.zero_()
+    old = {k: v for k, v in method.state_dict().items() if not k.endswith("sigma_scale")}
+    save_checkpoint(tmp_path / "old", old, config, {"method": "abmll", "model": "tiny"})
+    expected = method.predict(method.adapt(toy_examples[:6], 1), toy_examples[6:], 1)
+
+    model2, scorer2 = adapted_tiny(config, seed=0)
+    _perturb(prior(model2), 9)  # λ ≠ 0 before loading
+    ckpt = load_prior_into(model2, tmp_path / "old")
+    assert all(float(v) == 0.0 for k, v in prior(model2).items() if k.endswith("sigma_scale"))
+    method2 = ABMLL(model2, scorer2, ckpt["config"])
+    assert torch.equal(method2.predict(method2.adapt(toy_examples[:6], 1), toy_examples[6:], 1), expected)
+
+
 def test_loading_into_a_different_model_names_the_module(tmp_path):
     config = make_config()
     model, _ = adapted_tiny(config)
