@@ -102,6 +102,20 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
+def read_json_object(path: Path, error: type[Exception], expected: str = "a JSON object") -> dict[str, Any]:
+    """A JSON file that must hold an object; an unreadable file, invalid JSON or another JSON type raises
+    ``error`` naming the file (each caller its own error class: config, data or checkpoint)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: invalid JSON ({exc})") from None
+    except OSError as exc:
+        raise error(f"{path}: could not be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
 # --- RNG states as tensors + JSON --------------------------------------------------------------------
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The global RNG states of torch (CPU and every initialised CUDA device), numpy and Python's

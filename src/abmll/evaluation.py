@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from abmll.checkpoint import versions, write_json_atomic, write_text_atomic
+from abmll.checkpoint import read_json_object, versions, write_json_atomic, write_text_atomic
 from abmll.errors import ConfigError, DataError
 from abmll.methods.base import Method
 from abmll.metrics import macro_average, mean_interval, reliability_bins, task_metrics
@@ -385,12 +385,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
     """A ``results.json`` as a dict (one without ``schema_version`` is version 1); raises :class:`DataError`
     naming the file when it is unreadable or of a newer schema than this abmll writes."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: could not be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(path, DataError)
     version = data.setdefault("schema_version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DataError(f"{path}: field 'schema_version' = {version!r} is invalid: expected an integer ≥ 1")

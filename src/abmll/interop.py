@@ -45,7 +45,7 @@ from torch import nn
 
 from abmll.bayes.inject import bayes_layers, group_by_layer, prior
 from abmll.bayes.layer import BayesLoRALinear
-from abmll.checkpoint import MANIFEST, PRIOR_FILE, check_fits, load_checkpoint, versions
+from abmll.checkpoint import MANIFEST, PRIOR_FILE, check_fits, load_checkpoint, read_json_object, versions
 from abmll.errors import CheckpointError, ConfigError, DataError, ModelError
 from abmll.methods import BASE_ONLY, METHODS, Method, create_method
 from abmll.models import load_model
@@ -477,12 +477,7 @@ def read_peft(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
     config_path = directory / PEFT_CONFIG
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no {PEFT_CONFIG}; expected a folder written by PeftModel.save_pretrained")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path, CheckpointError)
     if config.get("peft_type") != "LORA":
         raise CheckpointError(
             f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters ('LORA') can be imported"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from abmll.assets import portable_path
-from abmll.checkpoint import versions, write_json_atomic
+from abmll.checkpoint import read_json_object, versions, write_json_atomic
 from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError
 from abmll.methods import METHODS, method_config
@@ -487,12 +487,7 @@ def read_tuned(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--tuned {path}: no such file (expected the tuned.json of abmll tune)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object {{method: {{field: value}}}}, got {type(data).__name__}")
+    data = read_json_object(path, ConfigError, "a JSON object {method: {field: value}}")
     version = data.get("schema_version", 1)
     if not isinstance(version, int) or version > TUNED_SCHEMA_VERSION:
         raise ConfigError(
