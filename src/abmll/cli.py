@@ -18,8 +18,11 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from abmll.config import COMPUTE_DTYPES, GRADIENT_ORDERS, PREDICT_MODES
+from abmll.config import PRESETS as CONFIG_PRESETS
 from abmll.errors import AbmllError, ConfigError
 from abmll.progress import PROGRESS_LOG, Reporter
+from abmll.tracking import REPORT_TO
 
 console = Console(stderr=True)
 #: Results (tables) go to standard output, unwrapped, so they can be piped.
@@ -108,12 +111,12 @@ class TrainMethod(StrEnum):
     maml = "maml"
 
 
-class ConfigPreset(StrEnum):
-    """abmll.config.PRESETS."""
+def _choices(name: str, values) -> type[StrEnum]:
+    """A choice option's enum made from the library's own list (attribute names with '_' for '-')."""
+    return StrEnum(name, {str(v).replace("-", "_"): str(v) for v in values})
 
-    default = "default"
-    paper_v1 = "paper-v1"
-    paper_v2 = "paper-v2"
+
+ConfigPreset = _choices("ConfigPreset", CONFIG_PRESETS)
 
 
 class Budget(StrEnum):
@@ -124,29 +127,10 @@ class Budget(StrEnum):
     full = "full"
 
 
-class PredictMode(StrEnum):
-    sample = "sample"
-    mean = "mean"
-
-
-class GradientOrder(StrEnum):
-    first_order = "first_order"
-    second_order = "second_order"
-
-
-class DType(StrEnum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class ReportTo(StrEnum):
-    """abmll.tracking.REPORT_TO."""
-
-    none = "none"
-    tensorboard = "tensorboard"
-    wandb = "wandb"
-    mlflow = "mlflow"
+PredictMode = _choices("PredictMode", PREDICT_MODES)
+GradientOrder = _choices("GradientOrder", GRADIENT_ORDERS)
+DType = _choices("DType", COMPUTE_DTYPES)
+ReportTo = _choices("ReportTo", REPORT_TO)
 
 
 def _value(choice: Enum | str | None) -> str | None:

@@ -25,6 +25,7 @@ LIKELIHOODS = ("options", "lm")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 NONFINITE = ("stop", "skip")
+PREDICT_MODES = ("sample", "mean")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -396,7 +397,7 @@ class PredictConfig:
             self.samples,
             "an integer ≥ 1",
         )
-        _check(self.mode in ("sample", "mean"), "predict.mode", self.mode, "'sample' or 'mean'")
+        _check(self.mode in PREDICT_MODES, "predict.mode", self.mode, f"one of {PREDICT_MODES}")
 
 
 @dataclass
