@@ -39,7 +39,7 @@ from abmll.config import ABMLLConfig, preset
 from abmll.evaluation import load_episodes
 from abmll.inner import adapt
 from abmll.methods import create_method
-from abmll.methods.abmll import _INNER
+from abmll.methods.template import INNER
 from abmll.objectives import LayerwiseGrad, kl_divergence, outer_kl_backward
 from abmll.scoring import Scorer
 from abmll.synthetic import SyntheticFamily
@@ -85,7 +85,7 @@ def sigma_in_meta_training(family, sampler, config, steps: int) -> list[float]:
 
 def kl_pull_on_the_mean(family, episode, config) -> float:
     m = method(family, "abmll", config)
-    phi = m.inner_loop(episode.support, lambda k: m._seeds(_INNER, 0, 0, k, count=1), config.inner.inner_steps)
+    phi = m.inner_loop(episode.support, lambda k: m.seeds(INNER, 0, 0, k, count=1), config.inner.inner_steps)
     theta = m.theta
     for p in theta.values():
         p.grad = None
@@ -102,7 +102,7 @@ def inner_kl_gradient(family, episode, config) -> float:
     for k in range(1, config.inner.inner_steps + 1):
         phi = adapt(m.model, m.theta, episode.support, m.scorer, steps=k - 1, lr=config.inner.inner_lr,
                     sigma_lr=config.inner.sigma_lr, beta=config.objective.beta,
-                    seeds=lambda j: m._seeds(_INNER, 0, 0, j, count=1), micro_batch_size=32)  # fmt: skip
+                    seeds=lambda j: m.seeds(INNER, 0, 0, j, count=1), micro_batch_size=32)  # fmt: skip
         grad = LayerwiseGrad(list(phi.values()), config.objective.beta)
         kl_divergence(phi, theta, m.layers, grad)
         total += math.sqrt(sum(float(g.square().sum()) for g in grad.grads if g is not None))
@@ -112,7 +112,7 @@ def inner_kl_gradient(family, episode, config) -> float:
 def support_losses(family, episode, config) -> list[float]:
     m = method(family, "abmll", config)
     losses: list[float] = []
-    m.inner_loop(episode.support, lambda k: m._seeds(_INNER, 0, 0, k, count=1), 1, losses=losses)
+    m.inner_loop(episode.support, lambda k: m.seeds(INNER, 0, 0, k, count=1), 1, losses=losses)
     return losses  # [before step 1, after step 1]
 
 

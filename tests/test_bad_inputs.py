@@ -1,5 +1,5 @@
 """A table of bad inputs to the ``abmll`` command line, across config values, command-line flags, data files,
-model paths and checkpoints (issue #7). Each must give a non-zero exit status, one clear line ``error: ...``
+model paths and checkpoints. Each must give a non-zero exit status, one clear line ``error: ...``
 naming the thing at fault, no traceback and nothing that looks like a finished output (no ``results.json``, no
 ``final/``). It extends the 37 cases of ``tests/test_cli.py`` (whose fixtures and helpers it reuses) with
 different ones."""
@@ -198,7 +198,7 @@ CASES = [
     ("preset-unknown", "flag", None, lambda c: _train_no_config(c, "--preset", "paper-v9"),
      ["--preset", "'paper-v9' is not one of", "'paper-v1'"]),
     ("train-method-not-meta-learning", "flag", None, lambda c: c.train("--method", "zero-shot"),
-     ["--method", "'zero-shot' is not one of", "'abmll'"]),
+     ["--method zero-shot learns nothing across tasks", "abmll train takes one of", "'abmll'"]),
     ("out-is-a-file", "flag", None, lambda c: [*c.train()[:-2], "--out", _bytes("f.txt", b"x")(c), "--device", "cpu"],
      ["--out", "f.txt", "is a file, not a folder"]),
     ("tasks-only-commas", "flag", None, lambda c: c.train("--tasks", ",,"), ["--tasks ',,' names no tasks"]),

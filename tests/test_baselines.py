@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from abmll.bayes import bayes_layers, clone_factors, posterior, weight_sample
 from abmll.compare import _overrides_markdown
 from abmll.config import ABMLLConfig
+from abmll.errors import ConfigError
 from abmll.inner import adapt
 from abmll.methods import (
     ABMLL,
     ABMLLICL,
-    BASE_ONLY,
     ICL,
     MAML,
     METHODS,
@@ -61,14 +61,15 @@ def _nll(model, scorer, phi, examples):
 # --- registry ----------------------------------------------------------------------------------------
 def test_every_baseline_is_registered_and_created():
     expected = {"zero-shot", "icl", "lora", "lora-task", "structured-lora", "reptile", "maml", "abmll", "abmll-icl"}
-    assert set(METHODS) == expected and BASE_ONLY == {"zero-shot", "icl"}
+    assert set(METHODS) == expected and {n for n, m in METHODS.items() if not m.adapted} == {"zero-shot", "icl"}
     assert {n for n, m in METHODS.items() if not m.meta_learns} == {"zero-shot", "icl", "lora-task"}
     config = make_config()
     for name in sorted(expected):
         model, tokenizer = tiny_llama(seed=0)
         method = create_method(name, model, Scorer(tokenizer, config.scoring), config)
         assert isinstance(method, METHODS[name]) and method.name == name
-        assert bool(bayes_layers(model)) == (name not in BASE_ONLY)
+        assert bool(bayes_layers(model)) == METHODS[name].adapted
+        assert all(hasattr(layer, "abmll_sigma_A") == METHODS[name].bayesian for layer in bayes_layers(model).values())
 
 
 # --- lora-task ---------------------------------------------------------------------------------------
@@ -174,13 +175,14 @@ MAML_LR, MAML_K = 0.5, 2
 
 
 def _maml(order: str, toy_examples):
-    config = make_config(**{"inner.order": order, "inner.inner_lr": MAML_LR, "inner.inner_steps": MAML_K})
+    config = make_config(**{"maml.order": order, "inner.inner_lr": MAML_LR, "inner.inner_steps": MAML_K})
     model, scorer = adapted_tiny(config)
     method = MAML(model, scorer, config)
+    assert all(k.endswith(("mu_A", "mu_B")) for k in method.theta)  # a deterministic LoRA: no σ factors
     _perturb(method.theta, 3)
     episode = _episode(toy_examples)
     method.zero_gradients()
-    method.task_outer_backward(episode, step=0, task_index=0, weight=1.0)
+    method.task_gradient(episode, step=0, task_index=0, weight=1.0)
     return method, model, scorer, episode, {k: p.grad.clone() for k, p in method.theta.items()}
 
 
@@ -197,9 +199,6 @@ def test_maml_second_order_gradient_equals_autograd_through_the_unrolled_inner_l
         expected = torch.autograd.grad(outer, list(theta.values()), allow_unused=True)
     norm = 0.0
     for key, g in zip(theta, expected, strict=True):
-        if g is None:  # σ factors: unused by a deterministic LoRA
-            assert key.endswith(("sigma_A", "sigma_B", "sigma_scale")) and torch.count_nonzero(got[key]) == 0
-            continue
         torch.testing.assert_close(got[key], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()))
         norm += float(g.norm())
     assert norm > 0
@@ -228,20 +227,20 @@ def test_maml_first_order_gradient_is_the_query_gradient_at_phi_k(toy_examples):
         torch.testing.assert_close(got[key], g, rtol=1e-5, atol=1e-7 * max(float(g.abs().max()), 1.0))
 
 
-def test_maml_preset_is_second_order_unless_the_config_says_otherwise():
+def test_maml_order_is_its_own_setting_second_order_by_default():
     default = ABMLLConfig()
-    assert default.inner.order == "first_order"
-    assert method_overrides("maml", default) == {"inner.order": "second_order"}
-    assert method_config("maml", default).inner.order == "second_order"
-    assert method_config("abmll", default).inner.order == "first_order"
-    explicit = default.override({"inner.order": "second_order"})
-    assert method_overrides("maml", explicit) == {}
-    # create_method uses the config as given: maml with a first-order config is FOMAML
+    assert default.inner.order == "first_order" and default.maml.order == "second_order"
+    assert method_overrides("maml", default) == {} and method_config("maml", default) == default
     model, tokenizer = tiny_llama(seed=0)
     method = create_method("maml", model, Scorer(tokenizer, default.scoring), default)
-    assert method.config.inner.order == "first_order"
+    assert method.order == "second_order"  # inner.order is ABMLL's and structured-lora's, not MAML's
+    fomaml = default.override({"maml.order": "first_order", "inner.order": "second_order"})
+    model, tokenizer = tiny_llama(seed=0)
+    assert create_method("maml", model, Scorer(tokenizer, fomaml.scoring), fomaml).order == "first_order"
+    with pytest.raises(ConfigError, match="maml.order"):
+        default.override({"maml.order": "third_order"})
     (line,) = _overrides_markdown(["zero-shot", "maml", "abmll"], default)
-    assert "`maml`: `inner.order=second_order`" in line
+    assert "`maml`: `maml.order=second_order`" in line
 
 
 # --- ICL ---------------------------------------------------------------------------------------------
@@ -313,7 +312,7 @@ def test_abmll_icl_is_abmll_adaptation_scored_with_demonstrations(toy_examples):
 
 # --- structured LoRA = ABMLL with σ ≡ 0, β = γ = 0 -----------------------------------------------------
 def test_structured_lora_equals_abmll_without_weight_samples_and_regularisers(toy_examples, monkeypatch):
-    monkeypatch.setattr(ABMLL, "_seeds", lambda self, *coords, count: [None])
+    monkeypatch.setattr(ABMLL, "seeds", lambda self, *coords, count: [None])
     runs = {}
     for name, config in (
         ("structured-lora", make_config(**{"meta.outer_lr": 1e-2, "inner.inner_lr": 0.3})),
@@ -416,9 +415,5 @@ def test_baselines_run_through_the_comparison_harness(tmp_path):
         assert results["methods"][name]["tasks"]["unseen"]["n"] == 8
         assert (out / name / "seed-100" / "train" / "final").is_dir() == METHODS[name].meta_learns
     train_info = json.loads((out / "maml" / "seed-100" / "train" / "config.json").read_text())
-    assert train_info["config"]["inner"]["order"] == "second_order"
-    assert train_info["method_overrides"] == {"inner.order": "second_order"}
-    assert json.loads((out / "maml" / "results.json").read_text())["method_overrides"] == {
-        "inner.order": "second_order"
-    }
-    assert "`maml`: `inner.order=second_order`" in (out / "report.md").read_text()
+    assert train_info["config"]["maml"]["order"] == "second_order"
+    assert "`maml`: `maml.order=second_order`" in (out / "report.md").read_text()

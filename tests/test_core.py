@@ -22,7 +22,8 @@ from abmll.checkpoint import load_prior_into, save_checkpoint
 from abmll.config import ABMLLConfig, preset
 from abmll.errors import CheckpointError, ConfigError, ModelError
 from abmll.inner import adapt
-from abmll.methods.abmll import _OUTER, ABMLL
+from abmll.methods import ABMLL
+from abmll.methods.template import OUTER
 from abmll.models import tiny_llama
 from abmll.objectives import gaussian_kl, kl_divergence, log_hyperprior
 from abmll.tasks.data import Episode, MetaBatchSampler
@@ -240,16 +241,16 @@ def test_first_order_gradient_equals_hand_reference(toy_examples, order):
     episode = _episode(toy_examples)
     for p in method.theta.values():
         p.grad = torch.zeros_like(p)
-    method.task_outer_backward(episode, step=0, task_index=0, weight=1.0)
+    method.task_gradient(episode, step=0, task_index=0, weight=1.0)
     got = {k: p.grad.clone() for k, p in method.theta.items()}
 
     # Reference on copies: φᴷ from the same ε, then the partials ∂/∂φ and ∂/∂θ.
-    from abmll.methods.abmll import _INNER
+    from abmll.methods.template import INNER
 
-    phi_k = method.inner_loop(episode.support, lambda k: method._seeds(_INNER, 0, 0, k, count=1), 2)
+    phi_k = method.inner_loop(episode.support, lambda k: method.seeds(INNER, 0, 0, k, count=1), 2)
     phi = {k: v.detach().clone().requires_grad_() for k, v in phi_k.items()}
     theta = {k: v.detach().clone().requires_grad_() for k, v in method.theta.items()}
-    (seed,) = method._seeds(_OUTER, 0, 0, count=1)
+    (seed,) = method.seeds(OUTER, 0, 0, count=1)
     with posterior(model, phi), weight_sample(model, seed):
         nll = scorer.nll(model, episode.query)
     kl = 1e-3 * kl_divergence(phi, theta, method.layers)
@@ -308,7 +309,7 @@ def test_second_order_gradient_reaches_theta_and_differs_from_first_order(toy_ex
         _perturb(method.theta, 7)
         for p in method.theta.values():
             p.grad = torch.zeros_like(p)
-        method.task_outer_backward(_episode(toy_examples), step=0, task_index=0, weight=1.0)
+        method.task_gradient(_episode(toy_examples), step=0, task_index=0, weight=1.0)
         grads[order] = torch.cat([p.grad.flatten() for p in method.theta.values()])
     first, second = grads["first_order"], grads["second_order"]
     assert torch.isfinite(second).all() and second.abs().sum() > 0

@@ -70,14 +70,14 @@ def _worker(side: Path, args: list[str]) -> int:
 
     computed: list[list[int]] = []
     sharded: list[bool] = []
-    real = ABMLL.task_outer_backward
+    real = ABMLL.task_gradient
 
     def recording(self, episode, step, task_index, weight):
         computed.append([step, task_index])
         sharded.append(is_sharded(self.model))
         return real(self, episode, step, task_index, weight)
 
-    ABMLL.task_outer_backward = recording
+    ABMLL.task_gradient = recording
     sys.addaudithook(audit)
     from typer.main import get_command
 

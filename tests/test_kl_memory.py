@@ -12,7 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from abmll.bayes import FACTORS, bayes_layers, clone_factors, posterior, prior, weight_sample
 from abmll.inner import chunks, likelihood, sigma_step_sizes, step_sizes, straight_through, support_gradient
-from abmll.methods.abmll import _INNER, _OUTER, ABMLL
+from abmll.methods import ABMLL
+from abmll.methods.template import INNER, OUTER
 from abmll.objectives import LayerwiseGrad, gaussian_kl, kl_divergence, log_hyperprior
 from abmll.plan import measure_peak
 from abmll.tasks.data import Episode
@@ -38,7 +39,7 @@ def _summed_kl(phi: dict, theta: dict, layers: dict) -> torch.Tensor:
 
 
 def _reference_outer_backward(method: ABMLL, episode: Episode, second: bool, weight: float) -> None:
-    """``task_outer_backward`` as it was: the NLL's gradients (the unchanged code path, β = 0), then every
+    """``task_gradient`` as it was: the NLL's gradients (the unchanged code path, β = 0), then every
     layer's β·KL summed into one scalar and differentiated at once (autograd.grad in the inner steps, backward
     into θ.grad in the outer pass)."""
     model, scorer, theta, layers = method.model, method.scorer, method.theta, method.layers
@@ -46,7 +47,7 @@ def _reference_outer_backward(method: ABMLL, episode: Episode, second: bool, wei
     phi = dict(theta) if second else clone_factors(theta)
     prior_side = theta if second else {k: v.detach() for k, v in theta.items()}
     for k in range(inner.inner_steps):
-        seeds = method._seeds(_INNER, 0, 0, k, count=inner.inner_samples)
+        seeds = method.seeds(INNER, 0, 0, k, count=inner.inner_samples)
         params = list(phi.values())
         _, grads = support_gradient(model, phi, prior_side, episode.support, scorer, seeds, 0.0, micro, second)
         kl = method.beta * _summed_kl(phi, prior_side, layers)
@@ -59,7 +60,7 @@ def _reference_outer_backward(method: ABMLL, episode: Episode, second: bool, wei
     outer = list(episode.query)
     if method.config.meta.outer_data == "support+query":
         outer = list(episode.support) + outer
-    seeds = method._seeds(_OUTER, 0, 0, count=inner.inner_samples)
+    seeds = method.seeds(OUTER, 0, 0, count=inner.inner_samples)
     with posterior(model, phi):
         for seed in seeds:
             with weight_sample(model, seed):
@@ -109,14 +110,14 @@ def _assert_equal_grads(got: list, want: list, rtol: float = 1e-6) -> None:
 def test_layerwise_outer_gradient_equals_the_summed_kl(order, toy_examples):
     method, episode = _method(order), _episode(toy_examples)
     second = order == "second_order"
-    got = _theta_grads(method, lambda: method.task_outer_backward(episode, step=0, task_index=0, weight=0.5))
+    got = _theta_grads(method, lambda: method.task_gradient(episode, step=0, task_index=0, weight=0.5))
     # the attention kernel ABMLL uses for this order (math for second order: the fused kernels have no double backward)
     with sdpa_kernel(SDPBackend.MATH) if second else contextlib.nullcontext():
         want = _theta_grads(method, lambda: _reference_outer_backward(method, episode, second, weight=0.5))
     _assert_equal_grads(got, want)
     # the KL is a real part of that gradient: without it the gradient is far from the reference
     method.config.objective.beta = 0.0
-    without = _theta_grads(method, lambda: method.task_outer_backward(episode, step=0, task_index=0, weight=0.5))
+    without = _theta_grads(method, lambda: method.task_gradient(episode, step=0, task_index=0, weight=0.5))
     assert sum(float((a - b).norm()) for a, b in zip(without, want, strict=True)) > 1e-3 * sum(
         float(w.norm()) for w in want
     )
@@ -128,7 +129,7 @@ def test_layerwise_support_gradient_equals_the_summed_kl(create_graph, toy_examp
     method = _method("second_order" if create_graph else "first_order")
     model, scorer, theta, layers = method.model, method.scorer, method.theta, method.layers
     support = _episode(toy_examples).support
-    seeds = method._seeds(_INNER, 0, 0, 0, count=1)
+    seeds = method.seeds(INNER, 0, 0, 0, count=1)
     g = torch.Generator().manual_seed(9)
     if create_graph:  # φ a differentiable function of θ, as after an inner step of second order
         phi = {k: v + 0.03 * torch.randn(v.shape, generator=g) for k, v in theta.items()}
@@ -219,7 +220,7 @@ def test_layerwise_kl_lowers_the_peak_of_the_outer_kl_backward():
         (BETA * _summed_kl(phi, method.theta, method.layers)).backward()
 
     def layerwise():
-        method.task_outer_backward(episode, step=0, task_index=0, weight=1.0)
+        method.task_gradient(episode, step=0, task_index=0, weight=1.0)
 
     for p in params:
         p.grad = torch.zeros_like(p)

@@ -126,7 +126,7 @@ def test_gradient_checkpointing_gives_the_same_theta_gradient(order):
         counter = _Calls(method.model.model.layers[1].self_attn)
         for p in method.theta.values():
             p.grad = torch.zeros_like(p)
-        method.task_outer_backward(_episodes()[0], step=0, task_index=0, weight=1.0)
+        method.task_gradient(_episodes()[0], step=0, task_index=0, weight=1.0)
         grads[checkpointing], calls[checkpointing] = _flat_grad(method), counter.n
     assert torch.isfinite(grads[False]).all() and grads[False].abs().sum() > 0
     # the checkpointed run recomputed the layer in its backward passes …

@@ -33,5 +33,5 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own example
     printed = capsys.readouterr().out
-    assert "'outer_nll'" in printed and "'accuracy'" in printed and "'ece'" in printed
+    assert "outer_nll=" in printed and "'accuracy'" in printed and "'ece'" in printed
     assert namespace["method"].step == 3 and (tmp_path / "prior" / "manifest.json").is_file()

@@ -1,4 +1,4 @@
-"""Reliability of a meta-training run (issue #7), on a tiny random Llama on the CPU, deterministic:
+"""Reliability of a meta-training run, on a tiny random Llama on the CPU, deterministic:
 
 - ``abmll train`` killed with SIGKILL at three seeded random points and resumed ends with a θ bitwise equal
   to an uninterrupted run's (and the same log); while it runs, a second run into its folder fails at once;

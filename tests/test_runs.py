@@ -10,7 +10,7 @@ import pytest
 from conftest import comparison_folder, ok
 from typer.testing import CliRunner
 
-import abmll.models
+import abmll.build
 import abmll.suite
 from abmll.cli import app
 
@@ -33,13 +33,13 @@ def compare_args(tiny: Path, out: Path, *extra) -> list[str]:
 
 def test_compare_loads_the_model_with_the_configured_device_and_dtype(tiny, tmp_path, monkeypatch):
     calls = []
-    original = abmll.models.load_model
+    original = abmll.build.load_model
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(abmll.models, "load_model", spy)  # run_cell imports it from abmll.models when it runs
+    monkeypatch.setattr(abmll.build, "load_model", spy)  # every command loads its model through abmll.build
     config = tmp_path / "shared.yaml"
     config.write_text("scoring:\n  max_length: 96\n  length_norm: token\npredict:\n  samples: 1\n")
     out = tmp_path / "cmp"

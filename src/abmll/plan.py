@@ -1,38 +1,34 @@
-"""Plan a run before loading any weights: parameter counts and the estimated memory of an ABMLL meta-step for a
+"""Plan a run before loading any weights: parameter counts and the estimated memory of a method's meta-step for a
 model, from its config alone (``abmll plan``).
 
 The model's module tree is built on the ``meta`` device (``AutoModelForCausalLM.from_config`` under
-``torch.device("meta")``: shapes, no storage), the Bayesian LoRA layers are injected exactly as
+``torch.device("meta")``: shapes, no storage), the method's adapter layers are injected exactly as
 :func:`abmll.inject` does, and the parameter counts are read off it: they are exact. Memory is split into
 
-- **persistent** parts, exact: the base weights (and buffers) in the model's dtype; θ (the four factor pairs and
-  the log-scale λ of every adapted layer, always float32); θ's gradient; AdamW's two moments of θ;
-- **transient** parts, held only during a meta-step, found by *simulating* one meta-step on the meta device
-  with :class:`LiveBytes` (a dispatch mode that adds up every storage an operator creates and subtracts it
-  when the storage is freed, as the allocator would): the forward and backward of one micro-batch (the
-  activations autograd keeps, plus the dense weight sample ΔW = μ + σ ⊙ ε of every adapted layer, which the
-  backward pass needs), the KL term (the dense μ and σ of φ and θ: one adapted layer's at a time where
-  :func:`abmll.objectives.kl_divergence` differentiates layer by layer), and the posterior copies φ.
+- **persistent** parts, exact: the base weights (and buffers) in the model's dtype; θ (always float32); θ's
+  gradient; the optimiser's state (AdamW's two moments; none for Reptile's SGD);
+- **transient** parts, held only during a meta-step, found by running *the method's own meta-step*
+  (:meth:`abmll.methods.template.MetaLearner.meta_step`) on the meta device under :class:`LiveBytes` (a dispatch
+  mode that adds up every storage an operator creates and subtracts it when the storage is freed, as the
+  allocator would; a value read by Python, such as a loss, reads as 1). Its scorer (:class:`_ShapeScorer`) runs
+  the decoder on ``batch`` sequences of ``seq_len`` tokens and the LM head at ``read_tokens`` positions per
+  sequence, as the option scorer's plain path does (``scoring.shared_prefix = false``: one whole sequence per
+  option); the default shared-prefix path encodes each prompt once and needs less, so for it the plan is an
+  upper bound (both are checked against measured meta-steps). Attention runs through the fused kernel's memory
+  footprint (what CPU flash and CUDA flash or memory-efficient attention keep), or the math backend under
+  second-order gradients, as in a real run. The components (activations and the sampled ΔW of one pass, the
+  KL's working set) are measured alone for the table.
 
-The simulated step mirrors :meth:`abmll.methods.abmll.ABMLL.meta_step` (first order by default): a float64 sum for
-θ's gradient, φ⁰ = θ, inner steps (one weight sample each, NLL then β·KL gradients, the SGD update of φ), the
-straight-through φᴷ, the outer NLL and β·KL backward into θ.grad, the gradient sum, one AdamW step. Each forward
-pass runs the decoder on ``batch`` sequences of ``seq_len`` tokens and the LM head at ``read_tokens`` positions per
-sequence, as the option scorer's plain path does (``scoring.shared_prefix = false``: one whole sequence per option);
-the default shared-prefix path encodes each prompt once and needs less, so for it the plan is an upper bound (both
-are checked against measured meta-steps); attention runs through the fused kernel's memory footprint (what CPU flash
-and CUDA flash or memory-efficient attention keep), or the math backend under second-order gradients, as in a real
-run. With first-order gradients nothing is kept from one inner step to the next, so the memory does not depend on
-the number of inner steps K or weight samples S (they cost time only); with ``second_order`` the graph of all K·S
-inner passes is kept. Allocator overheads (CUDA's caching allocator, fragmentation) are not modelled: on a GPU leave
-some headroom. ``tests/test_plan.py`` checks the estimate against the allocations of a real meta-step
-(``torch.profiler`` with ``profile_memory``) on the tiny test model and on SmolLM2-135M. """
+With first-order gradients nothing is kept from one inner step to the next, so the memory does not depend on the
+number of inner steps K (it costs time only); with ``second_order`` the graph of all K·S inner passes is kept.
+Allocator overheads (CUDA's caching allocator, fragmentation) are not modelled: on a GPU leave some headroom.
+``tests/test_plan.py`` checks the estimate against the allocations of a real meta-step (``torch.profiler`` with
+``profile_memory``) on the tiny test model and on SmolLM2-135M. """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import weakref
@@ -45,7 +41,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from abmll.config import GRADIENT_ORDERS, BayesLoRAConfig
+from abmll.config import GRADIENT_ORDERS
 from abmll.errors import ConfigError, ModelError
 
 __all__ = [
@@ -152,6 +148,8 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            return 1.0  # a meta tensor's value (a loss, a norm) read by Python: any finite number will do
         inputs = {id(t.untyped_storage()) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         out = func(*args, **kwargs)
         for t in pytree.tree_leaves(out):
@@ -251,106 +249,24 @@ def _attention(order: str):
     return _fused_attention()
 
 
-def _sum(total: list, grads) -> list:
-    return [t if g is None else (g if t is None else t + g) for t, g in zip(total, grads, strict=True)]
+class _ShapeScorer:
+    """The scorer a planned meta-step runs with: ``nll`` is :func:`_nll` on ``batch`` sequences of ``seq_len``
+    tokens (whatever examples it is given); the method's meta-step is the real one."""
+
+    def __init__(self, batch: int, seq_len: int, read_tokens: int) -> None:
+        self.batch, self.seq_len, self.read_tokens = batch, seq_len, read_tokens
+
+    def nll(self, model: torch.nn.Module, examples) -> torch.Tensor:
+        return _nll(model, self.batch, self.seq_len, self.read_tokens)
 
 
-@dataclass
-class _Shape:
-    batch: int
-    seq_len: int
-    read_tokens: int
-    inner_steps: int
-    samples: int
-    order: str
-    beta: float = 1e-6
+def _planned_episode():
+    """One task of one support and one query example: with ``meta.micro_batch_size`` ≥ 1 every inner step and
+    the outer loss run one forward pass (of :class:`_ShapeScorer`'s ``batch`` sequences) per weight sample."""
+    from abmll.tasks.data import Episode, Example
 
-
-def _simulate(model, theta: dict, layers: dict, shape: _Shape, live: LiveBytes) -> dict[str, int]:
-    """Run one meta-step's memory-relevant operations on the meta device; the transient peaks (bytes above
-    the base weights, θ, θ.grad and AdamW's state) of its phases."""
-    from abmll import objectives
-    from abmll.bayes.inject import clone_factors, posterior, weight_sample
-    from abmll.inner import sgd_step, straight_through
-    from abmll.objectives import kl_divergence
-
-    # The KL differentiated layer by layer (objectives.LayerwiseGrad), or summed over layers first (older code).
-    layerwise = "grad" in inspect.signature(kl_divergence).parameters
-    LayerwiseGrad = getattr(objectives, "LayerwiseGrad", None)  # noqa: N806 - a class
-    second = shape.order == "second_order"
-    lr = 0.1  # any value: the update allocates lr·g, then φ − lr·g
-    peaks: dict[str, int] = {}
-    params = list(theta.values())
-    start = live.now
-
-    def phase(name: str) -> None:
-        peaks[name] = max(peaks.get(name, 0), live.peak - start)
-        live.reset_peak()
-
-    with _attention(shape.order):
-        # meta_step: each task's gradient of θ is computed from None and added to a float64 sum.
-        total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        for p in params:
-            p.grad = None
-        live.reset_peak()
-        phi = dict(theta) if second else clone_factors(theta)
-        prior_side = theta if second else {k: v.detach() for k, v in theta.items()}
-        # First order: every inner step costs the same memory and nothing is kept between them: one is enough.
-        steps = shape.inner_steps if second else min(shape.inner_steps, 1)
-        for _ in range(steps):
-            grads: list = [None] * len(params)
-            with posterior(model, phi):
-                for s in range(shape.samples if second else 1):
-                    with weight_sample(model, s):
-                        loss = _nll(model, shape.batch, shape.seq_len, shape.read_tokens)
-                        grads = _sum(grads, torch.autograd.grad(loss, list(phi.values()), create_graph=second,
-                                                                allow_unused=True))
-                        del loss
-            phase("inner_nll")
-            if shape.beta > 0:
-                if layerwise:  # each layer's KL differentiated as soon as it is computed
-                    kl_grad = LayerwiseGrad(list(phi.values()), shape.beta, create_graph=second)
-                    kl_divergence(phi, prior_side, layers, kl_grad)
-                    grads = _sum(grads, kl_grad.grads)
-                    del kl_grad
-                else:
-                    kl = shape.beta * kl_divergence(phi, prior_side, layers)
-                    grads = _sum(
-                        grads, torch.autograd.grad(kl, list(phi.values()), create_graph=second, allow_unused=True)
-                    )
-                    del kl
-                phase("inner_kl")
-            phi = sgd_step(phi, grads, lr, second)
-            del grads
-            phase("inner_update")
-        if not second:
-            phi = straight_through(phi, theta)
-        with posterior(model, phi), weight_sample(model, 0):
-            loss = _nll(model, shape.batch, shape.seq_len, shape.read_tokens)
-            loss.backward(retain_graph=second)
-            del loss
-        phase("outer_nll")
-        if shape.beta > 0:
-            if layerwise:  # φᴷ enters as a detached copy; its gradient goes through φᴷ's graph once at the end
-                phi_in = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-                kl_grad = LayerwiseGrad([*phi_in.values(), *params], shape.beta)
-                kl_divergence(phi_in, theta, layers, kl_grad)
-                kl_grad.backward([*phi.values(), *params])
-                del kl_grad, phi_in
-            else:
-                kl = shape.beta * kl_divergence(phi, theta, layers)
-                kl.backward()
-                del kl
-            phase("outer_kl")
-        del phi
-        for acc, p in zip(total, params, strict=True):
-            if p.grad is not None:
-                acc.add_(p.grad)
-        for acc, p in zip(total, params, strict=True):
-            p.grad = acc.to(p.dtype)
-        del total
-        phase("gradient_sum")
-    return peaks
+    example = Example("x", ("a", "b"), 0)
+    return Episode("planned", [example], [example])
 
 
 def _noise_shapes_only(layers: dict) -> None:
@@ -364,10 +280,11 @@ def _noise_shapes_only(layers: dict) -> None:
 # --- the plan -------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    """Parameter counts (exact) and memory (bytes; estimated) of a first-order ABMLL meta-step."""
+    """Parameter counts (exact) and memory (bytes; estimated) of a method's meta-step."""
 
     model: str
     architecture: str
+    method: str
     dtype: str
     gradient_checkpointing: bool
     rank: int
@@ -385,7 +302,7 @@ class Plan:
     #: Bytes by component: base_weights, theta, theta_grad, optimizer, posterior, activations, sampled_delta_w,
     #: kl (the working set of the KL term).
     memory: dict[str, int]
-    #: Simulated transient peaks (bytes above the persistent parts) of the phases of a meta-step.
+    #: Transient peaks (bytes above the persistent parts) of the meta-step run on the meta device.
     phases: dict[str, int]
     #: Persistent parts + the highest transient phase: the estimated peak of a meta-step.
     peak: int
@@ -428,13 +345,22 @@ def plan(
     dtype: str = "float32",
     gradient_checkpointing: bool = False,
     beta: float = 1e-6,
+    method: str = "abmll",
+    overrides: dict[str, Any] | None = None,
 ) -> Plan:
-    """Count the parameters and estimate the memory of an ABMLL meta-step for ``model`` (anything
-    :func:`load_config` takes), with Bayesian LoRA of ``rank`` on ``targets`` (default ``q_proj, v_proj``),
+    """Count the parameters and estimate the memory of a meta-step of ``method`` (default ABMLL) for ``model``
+    (anything :func:`load_config` takes), with LoRA of ``rank`` on ``targets`` (default ``q_proj, v_proj``),
     forward passes of ``batch`` sequences of ``seq_len`` tokens with the LM head at ``read_tokens`` positions
     of each, ``inner_steps`` inner steps of ``samples`` weight samples, base weights and activations in
-    ``dtype`` (``compute.dtype``), optionally with ``gradient_checkpointing`` of every decoder layer."""
-    from abmll.bayes.inject import bayes_layers, inject, prior
+    ``dtype`` (``compute.dtype``), optionally with ``gradient_checkpointing`` of every decoder layer; ``order``
+    and ``beta`` are ABMLL's ``inner.order`` and ``objective.beta``; ``overrides`` any other config field (e.g. a
+    method's own settings, ``{"maml.order": "first_order"}``).
+
+    The method's own :meth:`~abmll.methods.template.MetaLearner.meta_step` runs on the meta device, with a
+    scorer that feeds the decoder sequences of the given shape (:class:`_ShapeScorer`)."""
+    from abmll.bayes.inject import bayes_layers, inject
+    from abmll.config import ABMLLConfig
+    from abmll.methods import create_method, get_method
 
     for name, value, low in (
         ("batch", batch, 1), ("seq_len", seq_len, 1), ("read_tokens", read_tokens, 1),
@@ -448,56 +374,65 @@ def plan(
         raise ConfigError(f"plan: order = {order!r} is invalid: expected one of {GRADIENT_ORDERS}")
     if dtype not in DTYPES:
         raise ConfigError(f"plan: dtype = {dtype!r} is invalid: expected one of {sorted(DTYPES)}")
-    lora = BayesLoRAConfig(rank=rank, **({} if targets is None else {"targets": targets}))
+    cls = get_method(method)
+    if not cls.meta_learns:
+        raise ConfigError(f"plan: method '{method}' learns nothing across tasks: it has no meta-step to plan")
+    settings = {
+        "lora.rank": rank, "inner.inner_steps": inner_steps, "inner.inner_samples": samples, "inner.order": order,
+        "objective.beta": beta, "compute.dtype": dtype, "compute.gradient_checkpointing": gradient_checkpointing,
+        "meta.meta_batch_size": 1, "meta.max_grad_norm": None, **({} if targets is None else {"lora.targets": targets}),
+    }  # fmt: skip
+    run_config = ABMLLConfig().override({**settings, **(overrides or {})})
+    lora = run_config.lora
     config, label = load_config(model)
     mdl = meta_model(config, DTYPES[dtype])
     base_params = sum(p.numel() for p in mdl.parameters())
     base_bytes = _param_bytes(mdl)
-    inject(mdl, lora)
-    if gradient_checkpointing:
-        from abmll.models import enable_gradient_checkpointing, eval_mode
-
-        enable_gradient_checkpointing(mdl)
-        eval_mode(mdl)
+    inject(mdl, lora, bayesian=cls.bayesian)  # on the meta device: no seeded generator
     layers = bayes_layers(mdl)
-    theta = prior(mdl)
+    if cls.bayesian:
+        _noise_shapes_only(layers)
+    learner = create_method(method, mdl, _ShapeScorer(batch, seq_len, read_tokens), run_config)
+    theta = learner.theta
     n_theta = sum(p.numel() for p in theta.values())
     theta_bytes = sum(p.numel() * p.element_size() for p in theta.values())
     shapes: dict[str, int] = {}
     for layer in layers.values():
         key = f"{layer.out_features}x{layer.in_features}"
         shapes[key] = shapes.get(key, 0) + 1
-    _noise_shapes_only(layers)
 
-    shape = _Shape(batch, seq_len, read_tokens, inner_steps, samples, order, beta)
-    # AdamW's state exists from the second meta-step on: allocate it outside the count (it is persistent).
-    optimizer = torch.optim.AdamW(list(theta.values()))
+    # The optimiser's state exists from the second meta-step on: allocate it outside the count (it is persistent).
     for p in theta.values():
         p.grad = torch.zeros_like(p)
-    optimizer.step()
+    learner.optimizer.step()
     opt_bytes = sum(
         v.numel() * v.element_size()
-        for state in optimizer.state.values()
+        for state in learner.optimizer.state.values()
         for v in state.values()
         if isinstance(v, torch.Tensor) and v.device.type == "meta"
     )
-    with LiveBytes() as live:
-        phases = _simulate(mdl, theta, layers, shape, live)
-        start = live.now
-        optimizer.step()
-        phases["optimizer_step"] = live.peak - start
+    effective_order = getattr(learner, "order", order)
+    with _attention(effective_order), LiveBytes() as live:
+        learner.meta_step([_planned_episode()])
+    phases = {"meta_step": live.peak}
 
     # Components: activations and the sampled ΔW of one forward + backward pass, the KL's working set.
     from abmll.bayes.inject import clone_factors, posterior, weight_sample
+    from abmll.objectives import LayerwiseGrad, kl_divergence
 
     phi = clone_factors(theta)
     passes = {}
     for name, seed in (("mean", None), ("sample", 0)):
-        with _attention(order), LiveBytes() as live, posterior(mdl, phi), weight_sample(mdl, seed):
+        with _attention(effective_order), LiveBytes() as live, posterior(mdl, phi), weight_sample(mdl, seed):
             loss = _nll(mdl, batch, seq_len, read_tokens)
             torch.autograd.grad(loss, list(phi.values()), allow_unused=True)
             del loss
         passes[name] = live.peak
+    kl_bytes = 0
+    if cls.bayesian and beta > 0:
+        with LiveBytes() as live:
+            kl_divergence(phi, {k: v.detach() for k, v in theta.items()}, layers, LayerwiseGrad(list(phi.values())))
+        kl_bytes = live.peak
     del phi
     posterior_bytes = 3 * theta_bytes  # φ, its gradient, and the next φ during an inner update
     memory = {
@@ -507,21 +442,22 @@ def plan(
         "optimizer": opt_bytes,
         "posterior": posterior_bytes,
         "activations": passes["mean"],
-        "sampled_delta_w": max(passes["sample"] - passes["mean"], 0),
-        "kl": max(phases.get("inner_kl", 0), phases.get("outer_kl", 0)),
+        "sampled_delta_w": max(passes["sample"] - passes["mean"], 0) if cls.bayesian else 0,
+        "kl": kl_bytes,
     }
     persistent = base_bytes + theta_bytes * 2 + opt_bytes
     peak = persistent + max(phases.values())
-    notes = []
-    if order == "first_order":
-        notes.append(
-            "first-order gradients: nothing is kept between inner steps, so memory does not depend on the "
-            f"number of inner steps ({inner_steps}) or weight samples ({samples}); they cost time only"
-        )
-    else:
+    notes = [f"method '{method}': its own meta-step, run on the meta device"]
+    if effective_order == "second_order":
         notes.append(
             f"second-order gradients: the graphs of all {inner_steps}×{samples} inner passes are kept (one "
             "micro-batch per inner step assumed; each more micro-batch adds its graph)"
+        )
+    else:
+        notes.append(
+            "first-order gradients: nothing is kept between inner steps, so memory does not depend on the "
+            f"number of inner steps ({inner_steps}); several weight samples ({samples}) add the running sum of their "
+            "gradients (θ-sized); they cost time"
         )
     notes.append(
         "allocator overheads (CUDA's caching allocator, fragmentation) are not modelled: leave some headroom"
@@ -529,6 +465,7 @@ def plan(
     return Plan(
         model=label,
         architecture=type(mdl).__name__,
+        method=method,
         dtype=dtype,
         gradient_checkpointing=gradient_checkpointing,
         rank=rank,
@@ -538,7 +475,7 @@ def plan(
         read_tokens=read_tokens,
         inner_steps=inner_steps,
         samples=samples,
-        order=order,
+        order=effective_order,
         base_params=base_params,
         adapter_params=n_theta,
         target_modules=len(layers),
@@ -603,15 +540,7 @@ def plan_table(result: Plan) -> Any:
     memory.add_column("what")
     for key, label, held, what in _COMPONENTS:
         memory.add_row(label, format_bytes(result.memory[key]), held, what)
-    phase_names = {
-        "inner_nll": "inner step: NLL forward+backward",
-        "inner_kl": "inner step: KL forward+backward",
-        "inner_update": "inner step: φ update",
-        "outer_nll": "outer NLL forward+backward",
-        "outer_kl": "outer KL backward",
-        "gradient_sum": "gradient sum",
-        "optimizer_step": "AdamW step",
-    }
+    phase_names = {"meta_step": f"{result.method}'s meta-step"}
     worst = max(result.phases, key=result.phases.get)
     memory.add_section()
     memory.add_row("persistent", format_bytes(result.persistent), "always", "base weights, θ, its gradient, AdamW")

@@ -49,8 +49,8 @@ from abmll.checkpoint import (
 )
 from abmll.config import ABMLLConfig
 from abmll.distributed import barrier, is_main_process, max_over_processes
-from abmll.errors import CheckpointError, ConfigError, NonFiniteError, RunInterrupted, RunLockedError
-from abmll.methods.base import Method
+from abmll.errors import CheckpointError, ConfigError, RunInterrupted, RunLockedError
+from abmll.methods.base import Method, StepLog
 from abmll.tasks.data import MetaBatchSampler, Task
 from abmll.tracking import Tracker
 
@@ -400,8 +400,8 @@ def _run(
         saved_at[0] = method.step
         return path
 
-    def on_step(record: dict[str, Any]) -> None:
-        record = {**record, "skipped_steps": method.skipped_steps}
+    def on_step(step_log: StepLog) -> None:
+        record = step_log.to_dict()
         due = method.step % config.meta.checkpoint_every == 0 and method.step < total
         if not main:
             return
@@ -424,12 +424,7 @@ def _run(
             stop.append(signum)
         return bool(signum)
 
-    try:
-        method.meta_train(sampler, log=on_step, should_stop=should_stop)
-    except NonFiniteError:
-        raise
-    except FloatingPointError as exc:  # a method's own check (e.g. Reptile's): the same guarantee
-        raise NonFiniteError(f"{exc}; training stopped, the last checkpoint is kept") from None
+    method.meta_train(sampler, log=on_step, should_stop=should_stop)
     if stop and method.step < total:
         path = checkpoints / f"step-{method.step:06d}"
         if saved_at[0] != method.step or not path.is_dir():

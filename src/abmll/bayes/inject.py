@@ -1,8 +1,9 @@
-"""Find the target modules of a Hugging Face model, wrap them in :class:`BayesLoRALinear`, and bind task
-posteriors and weight samples to them for a forward pass.
+"""Find the target modules of a Hugging Face model, wrap them in adapter layers (:class:`BayesLoRALinear`, or
+:class:`LoRALinear` for a deterministic LoRA), and bind task posteriors and weight samples to them for a forward
+pass.
 
-θ and φ are flat dicts keyed ``"{module name}.{factor}"`` (factor ∈ ``mu_A, mu_B, sigma_A, sigma_B``); the
-same keys name θ in a checkpoint.
+θ and φ are flat dicts keyed ``"{module name}.{factor}"`` (factor ∈ ``mu_A, mu_B`` and, for a Bayesian layer,
+``sigma_A, sigma_B, sigma_scale``); the same keys name θ in a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from abmll.bayes.layer import FACTORS, PREFIX, BayesLoRALinear
+from abmll.bayes.layer import FACTORS, PREFIX, BayesLoRALinear, LoRALinear
 from abmll.config import BayesLoRAConfig
 from abmll.errors import ModelError
 
@@ -35,7 +36,7 @@ def _features(module: nn.Module) -> tuple[int, int] | None:
 def _is_target(
     name: str, module: nn.Module, targets: list[str] | str, output_layer: nn.Module | None
 ) -> bool:
-    if _features(module) is None or isinstance(module, BayesLoRALinear):
+    if _features(module) is None or isinstance(module, LoRALinear):
         return False
     if isinstance(targets, str):
         if targets == "all-linear":
@@ -44,8 +45,11 @@ def _is_target(
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def inject(model: nn.Module, config: BayesLoRAConfig, generator: torch.Generator | None = None) -> list[str]:
+def inject(
+    model: nn.Module, config: BayesLoRAConfig, generator: torch.Generator | None = None, bayesian: bool = True
+) -> list[str]:
     """Wrap every target module of ``model`` in place, freeze all other parameters, return the wrapped names.
+    ``bayesian``: Bayesian LoRA layers (ΔW = μ + σ ⊙ ε); else deterministic LoRA layers (ΔW = μ, no σ factors).
 
     Raises :class:`ModelError` when no module matches the targets or when the model is already adapted.
     """
@@ -69,34 +73,44 @@ def inject(model: nn.Module, config: BayesLoRAConfig, generator: torch.Generator
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         d_in, d_out = _features(base)
-        layer = BayesLoRALinear(
-            base,
-            d_in,
-            d_out,
-            rank=config.rank,
-            scaling=config.scaling,
-            sigma_transform=config.sigma_transform,
-            sigma_floor=config.sigma_floor,
-            sigma_offset=config.sigma_offset,
-            layer_index=index,
-        )
+        if bayesian:
+            layer = BayesLoRALinear(
+                base,
+                d_in,
+                d_out,
+                rank=config.rank,
+                scaling=config.scaling,
+                sigma_transform=config.sigma_transform,
+                sigma_floor=config.sigma_floor,
+                sigma_offset=config.sigma_offset,
+                layer_index=index,
+            )
+        else:
+            layer = LoRALinear(base, d_in, d_out, rank=config.rank, scaling=config.scaling, layer_index=index)
         if generator is not None:
             layer.reset_parameters(generator)
         setattr(parent, child, layer)
     return names
 
 
-def bayes_layers(model: nn.Module) -> dict[str, BayesLoRALinear]:
-    """The Bayesian LoRA layers of ``model`` by module name, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, BayesLoRALinear)}
+def bayes_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The adapter layers of ``model`` (Bayesian or deterministic LoRA) by module name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def prior(model: nn.Module) -> dict[str, nn.Parameter]:
-    """θ: the flat dict of the prior's trainable factors (the model's own parameters, not copies)."""
+def is_bayesian(model: nn.Module) -> bool:
+    """True when the model's adapter layers are Bayesian (they have σ factors)."""
+    return all(isinstance(m, BayesLoRALinear) for m in bayes_layers(model).values())
+
+
+def prior(model: nn.Module, factors: tuple[str, ...] = FACTORS) -> dict[str, nn.Parameter]:
+    """θ: the flat dict of the prior's trainable factors (the model's own parameters, not copies), those named in
+    ``factors`` that the layers hold (a deterministic LoRA layer holds the mean factors only)."""
     out: dict[str, nn.Parameter] = {}
     for name, layer in bayes_layers(model).items():
         for factor, param in layer.prior_factors().items():
-            out[f"{name}.{factor}"] = param
+            if factor in factors:
+                out[f"{name}.{factor}"] = param
     if not out:
         raise ModelError("the model has no Bayesian LoRA layers; call abmll.inject(model, config) first")
     return out
@@ -186,6 +200,7 @@ __all__ = [
     "clone_factors",
     "group_by_layer",
     "inject",
+    "is_bayesian",
     "posterior",
     "prior",
     "unwrap",

@@ -1,4 +1,5 @@
-"""The Bayesian LoRA layer: a frozen base layer plus a random low-rank-parameterised update ΔW.
+"""The adapter layers: a frozen base layer plus a low-rank-parameterised update ΔW, deterministic
+(:class:`LoRALinear`, ΔW = μ: the LoRA baselines) or Bayesian (:class:`BayesLoRALinear`, ΔW random: ABMLL).
 
 Per adapted layer (METHOD.md section 1), with factor pairs ``B ∈ R^{d_out×r}``, ``A ∈ R^{r×d_in}``:
 
@@ -9,11 +10,12 @@ Per adapted layer (METHOD.md section 1), with factor pairs ``B ∈ R^{d_out×r}`
 
 λ is a learnable log-scale per layer (0 at initialisation): it moves σ of the whole layer by relative amounts,
 with a gradient that sums over every entry, so σ can learn at a useful rate from any σ_init (METHOD.md §1).
-The layer's own parameters are the global prior θ. A task posterior φ (same four factors, plain tensors) is
+The layer's own parameters are the global prior θ. A task posterior φ (the same factors, plain tensors) is
 bound to the layer for the duration of a forward pass with :func:`abmll.bayes.inject.posterior`; the model
 is never copied. What the layer computes is set by two attributes: ``posterior`` (factors to use instead of
 θ) and ``noise_seed`` (None: the mean ΔW = μ; an int: a weight sample drawn from that seed, so a recomputed
-forward — gradient checkpointing, a second scorer call — sees the same ε).
+forward — gradient checkpointing, a second scorer call — sees the same ε; a deterministic layer has no σ and
+always computes the mean).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FACTORS = ("mu_A", "mu_B", "sigma_A", "sigma_B", "sigma_scale")
+#: The factors of the mean μ (eq. 1): all that a deterministic LoRA layer holds.
+MEAN_FACTORS = ("mu_A", "mu_B")
 #: The factors that parameterise σ (eq. 2); they may take their own step sizes (METHOD.md §3).
 SIGMA_FACTORS = ("sigma_A", "sigma_B", "sigma_scale")
+#: Every factor of a Bayesian LoRA layer.
+FACTORS = MEAN_FACTORS + SIGMA_FACTORS
 #: Prefix of every adapter parameter, so that a state dict of θ can be filtered by name.
 PREFIX = "abmll_"
 
@@ -57,9 +62,85 @@ def sigma_dense(
     return sigma_scale.exp() * g + floor
 
 
-class BayesLoRALinear(nn.Module):
+def _uniform(tensor: torch.Tensor, bound: float, generator: torch.Generator | None) -> None:
+    tensor.uniform_(-bound, bound, generator=generator)
+
+
+class LoRALinear(nn.Module):
     """Wraps a linear layer (``nn.Linear``, GPT-2 ``Conv1D`` or any module with ``in_features`` and
-    ``out_features``) with the Bayesian LoRA update of eqs. 1–4."""
+    ``out_features``) with a deterministic LoRA update ΔW = μ (eqs. 1 and 4)."""
+
+    #: The factors this layer holds (its θ), in the order :meth:`prior_factors` returns them.
+    factor_names: tuple[str, ...] = MEAN_FACTORS
+
+    def __init__(
+        self, base_layer: nn.Module, in_features: int, out_features: int, rank: int, scaling: float, layer_index: int
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.scaling = scaling
+        self.layer_index = layer_index
+        weight = next(base_layer.parameters(), None)
+        self._device = weight.device if weight is not None else None
+        self.add_factors()
+        self.reset_parameters()
+        self.posterior: dict[str, torch.Tensor] | None = None
+        self.noise_seed: int | None = None
+        self.enabled = True
+
+    def add_factors(self) -> None:
+        """Create θ's parameters (:attr:`factor_names`): always float32, whatever the base layer's dtype."""
+        self.abmll_mu_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=self._device))
+        self.abmll_mu_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=self._device))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """LoRA's initialisation: A ~ Kaiming-uniform, B = 0, so μθ = 0 at step 0. The generator draws A_σ's
+        values too (and drops them), so that a deterministic and a Bayesian layer seeded alike start from the same
+        A_μ: every method of a comparison starts from the same μθ."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5) on a [r, d_in] matrix
+        with torch.no_grad():
+            _uniform(self.abmll_mu_A, bound, generator)
+            self.abmll_mu_B.zero_()
+            _uniform(torch.empty(self.rank, self.in_features, device=self._device), bound, generator)
+
+    def prior_factors(self) -> dict[str, torch.Tensor]:
+        """θ of this layer by factor name (:attr:`factor_names`)."""
+        return {name: getattr(self, PREFIX + name) for name in self.factor_names}
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """The factors in use: the bound posterior φ, else the prior θ."""
+        return self.posterior if self.posterior is not None else self.prior_factors()
+
+    def mean(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return mean_delta(factors["mu_A"], factors["mu_B"], self.scaling)
+
+    def update(self, h: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x ΔWᵀ for the input ``h`` (already in the product's dtype): the low-rank mean path s · (x A_μᵀ) B_μᵀ,
+        never forming μ densely."""
+        dtype = h.dtype
+        return self.scaling * ((h @ factors["mu_A"].T.to(dtype)) @ factors["mu_B"].T.to(dtype))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if not self.enabled:
+            return y
+        f = self.factors()
+        # The products run in the activations' dtype (bfloat16 under compute.dtype = bfloat16); the factors (and
+        # σ, ε) stay in their own dtype (float32) until the cast of the product's input.
+        dtype = x.dtype if x.is_floating_point() else f["mu_A"].dtype
+        return y + self.update(x.to(dtype), f).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}"
+
+
+class BayesLoRALinear(LoRALinear):
+    """A :class:`LoRALinear` whose update is random: ΔW = μ + σ ⊙ ε (eqs. 1–4)."""
+
+    factor_names = FACTORS
 
     def __init__(
         self,
@@ -73,35 +154,24 @@ class BayesLoRALinear(nn.Module):
         sigma_offset: float,
         layer_index: int,
     ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.scaling = scaling
+        super().__init__(base_layer, in_features, out_features, rank, scaling, layer_index)
         self.sigma_transform = sigma_transform
         self.sigma_floor = sigma_floor
         self.sigma_offset = sigma_offset
-        self.layer_index = layer_index
-        weight = next(base_layer.parameters(), None)
-        device = weight.device if weight is not None else None
-        # θ: the four factor pairs of the global prior, always float32 (whatever the base layer's dtype).
-        self.abmll_mu_A = nn.Parameter(torch.empty(rank, in_features, device=device))
-        self.abmll_mu_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
-        self.abmll_sigma_A = nn.Parameter(torch.empty(rank, in_features, device=device))
-        self.abmll_sigma_B = nn.Parameter(torch.zeros(out_features, rank, device=device))
-        self.abmll_sigma_scale = nn.Parameter(torch.zeros((), device=device))
-        self.reset_parameters()
-        self.posterior: dict[str, torch.Tensor] | None = None
-        self.noise_seed: int | None = None
-        self.enabled = True
+
+    def add_factors(self) -> None:
+        super().add_factors()
+        self.abmll_sigma_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=self._device))
+        self.abmll_sigma_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=self._device))
+        self.abmll_sigma_scale = nn.Parameter(torch.zeros((), device=self._device))
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """LoRA's initialisation: A ~ Kaiming-uniform, B = 0, λ = 0, so μθ = 0 and σθ = σ_init at step 0."""
-        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5) on a [r, d_in] matrix
+        """LoRA's initialisation for both factor pairs: A ~ Kaiming-uniform, B = 0, λ = 0, so μθ = 0 and
+        σθ = σ_init at step 0."""
+        bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
             for A, B in ((self.abmll_mu_A, self.abmll_mu_B), (self.abmll_sigma_A, self.abmll_sigma_B)):
-                A.uniform_(-bound, bound, generator=generator)
+                _uniform(A, bound, generator)
                 B.zero_()
             self.abmll_sigma_scale.zero_()
 
@@ -110,17 +180,6 @@ class BayesLoRALinear(nn.Module):
         """σ_init: σ of every entry at initialisation (B_σ = 0, λ = 0), g(o) + c (eq. 2)."""
         zero = torch.zeros(1, 1, dtype=torch.float64)
         return float(sigma_dense(zero, zero, zero[0, 0], self.sigma_transform, self.sigma_offset, self.sigma_floor))
-
-    def prior_factors(self) -> dict[str, torch.Tensor]:
-        """θ of this layer as ``{"mu_A", "mu_B", "sigma_A", "sigma_B", "sigma_scale"}``."""
-        return {name: getattr(self, PREFIX + name) for name in FACTORS}
-
-    def factors(self) -> dict[str, torch.Tensor]:
-        """The factors in use: the bound posterior φ, else the prior θ."""
-        return self.posterior if self.posterior is not None else self.prior_factors()
-
-    def mean(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return mean_delta(factors["mu_A"], factors["mu_B"], self.scaling)
 
     def sigma(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         return sigma_dense(
@@ -143,24 +202,16 @@ class BayesLoRALinear(nn.Module):
         mu_A = factors["mu_A"]
         return self.mean(factors) + self.sigma(factors) * self.noise(seed, mu_A.device)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        if not self.enabled:
-            return y
-        f = self.factors()
-        # The products run in the activations' dtype (bfloat16 under compute.dtype = bfloat16); the factors,
-        # σ = g(B_σ A_σ + o) + c and ε stay in their own dtype (float32) until the cast of the product's input.
-        dtype = x.dtype if x.is_floating_point() else f["mu_A"].dtype
-        h = x.to(dtype)
-        # Low-rank mean path: s · (x A_μᵀ) B_μᵀ, never forming μ densely.
-        update = self.scaling * ((h @ f["mu_A"].T.to(dtype)) @ f["mu_B"].T.to(dtype))
+    def update(self, h: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x ΔWᵀ: the low-rank mean path, plus x (σ ⊙ ε)ᵀ under a weight sample (``noise_seed`` set)."""
+        out = super().update(h, factors)
         if self.noise_seed is not None:
-            noise = self.sigma(f) * self.noise(self.noise_seed, f["mu_A"].device)
-            update = update + h @ noise.T.to(dtype)
-        return y + update.to(y.dtype)
+            noise = self.sigma(factors) * self.noise(self.noise_seed, factors["mu_A"].device)
+            out = out + h @ noise.T.to(h.dtype)
+        return out
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling}, "
+            f"{super().extra_repr()}, "
             f"sigma={self.sigma_transform}(BA{self.sigma_offset:+.3g})+{self.sigma_floor:.3g}"
         )

@@ -1,4 +1,10 @@
-"""Training algorithms behind one interface (:class:`Method`): ABMLL and the baselines of METHOD.md section 6."""
+"""Training algorithms behind one interface (:class:`Method`): ABMLL and the baselines of METHOD.md section 6.
+
+The registry :data:`METHODS` names every method; :func:`register` adds one (its settings become a config
+section of its name). The command line, the comparison, tuning and planning read the registry: a new method is
+one module (a :class:`~abmll.methods.template.MetaLearner` subclass with a ``name``) and one :func:`register`
+line.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,52 @@ from typing import Any
 import torch
 from torch import nn
 
-from abmll.bayes.inject import bayes_layers, inject
-from abmll.config import ABMLLConfig
-from abmll.errors import ConfigError
+from abmll.bayes.inject import bayes_layers, inject, is_bayesian
+from abmll.config import ABMLLConfig, register_settings
+from abmll.errors import ConfigError, ModelError
 from abmll.methods.abmll import ABMLL
 from abmll.methods.abmll_icl import ABMLLICL
-from abmll.methods.base import MetaBatches, Method
+from abmll.methods.base import MetaBatches, Method, StepLog
 from abmll.methods.icl import ICL
 from abmll.methods.lora import LoRA, StructuredLoRA
 from abmll.methods.lora_task import LoRATask
 from abmll.methods.maml import MAML
 from abmll.methods.reptile import Reptile
+from abmll.methods.template import MetaLearner, TaskStats
 from abmll.methods.zero_shot import ZeroShot
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (ZeroShot, ICL, LoRA, LoRATask, StructuredLoRA, Reptile, MAML, ABMLL, ABMLLICL)
-}
-#: Methods that run on the base model alone, with no adapter layers.
-BASE_ONLY = {ZeroShot.name, ICL.name}
+#: Every method by name, in the order the command line and reports list them.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Add ``method`` to :data:`METHODS` under its ``name``, and its ``settings_type`` (if it declares one) as the
+    config section of that name. Returns the class, so it can decorate one."""
+    name = getattr(method, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"cannot register {method!r}: a method needs a non-empty string 'name'")
+    if name in METHODS and METHODS[name] is not method:
+        raise ConfigError(f"cannot register {method.__qualname__}: the method name {name!r} is taken")
+    if method.__dict__.get("settings_type") is not None:
+        register_settings(name, method.settings_type)
+    METHODS[name] = method
+    return method
+
+
+for _method in (ZeroShot, ICL, LoRA, LoRATask, StructuredLoRA, Reptile, MAML, ABMLL, ABMLLICL):
+    register(_method)
+
+
+def get_method(name: str) -> type[Method]:
+    """The registered method ``name``; :class:`ConfigError` listing the registered ones otherwise."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def meta_learners() -> list[str]:
+    """The registered methods that learn across tasks (what ``abmll train`` trains)."""
+    return [name for name, cls in METHODS.items() if cls.meta_learns]
 
 
 def _get(config: ABMLLConfig, dotted: str) -> Any:
@@ -39,33 +73,36 @@ def _get(config: ABMLLConfig, dotted: str) -> Any:
 def method_overrides(name: str, config: ABMLLConfig) -> dict[str, Any]:
     """The method's :attr:`~Method.default_overrides` that apply to ``config``: those of fields it leaves at
     the library default (a field set to anything else is the caller's explicit choice and is kept)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     default = ABMLLConfig()
     return {
         key: value
-        for key, value in METHODS[name].default_overrides.items()
+        for key, value in get_method(name).default_overrides.items()
         if _get(config, key) == _get(default, key) and _get(config, key) != value
     }
 
 
 def method_config(name: str, config: ABMLLConfig) -> ABMLLConfig:
-    """``config`` with the method's own preset applied (:func:`method_overrides`), e.g. second-order
-    gradients for ``maml``."""
+    """``config`` with the method's own preset applied (:func:`method_overrides`)."""
     return config.override(method_overrides(name, config))
 
 
 def create_method(name: str, model: nn.Module, scorer, config: ABMLLConfig) -> Method:
-    """The method ``name`` on ``model``, injecting Bayesian LoRA layers (θ seeded by ``config.seed``) when the
-    method needs them and the model has none yet. The config is used as given (see :func:`method_config`)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
-    if name not in BASE_ONLY and not bayes_layers(model):
-        inject(model, config.lora, generator=torch.Generator().manual_seed(config.seed))
-    return METHODS[name](model, scorer, config)
+    """The method ``name`` on ``model``, injecting its adapter layers (Bayesian or deterministic, θ seeded by
+    ``config.seed``) when the method needs them and the model has none yet. The config is used as given (see
+    :func:`method_config`)."""
+    cls = get_method(name)
+    if cls.adapted and not bayes_layers(model):
+        inject(model, config.lora, generator=torch.Generator().manual_seed(config.seed), bayesian=cls.bayesian)
+    elif cls.adapted and cls.bayesian and not is_bayesian(model):
+        raise ModelError(
+            f"method '{name}' needs Bayesian LoRA layers, but the model has deterministic ones (injected for a "
+            "deterministic method); load the model afresh"
+        )
+    return cls(model, scorer, config)
 
 
 __all__ = [
-    "ABMLL", "ABMLLICL", "BASE_ONLY", "ICL", "MAML", "METHODS", "LoRA", "LoRATask", "MetaBatches", "Method",
-    "Reptile", "StructuredLoRA", "ZeroShot", "create_method", "method_config", "method_overrides",
+    "ABMLL", "ABMLLICL", "ICL", "MAML", "METHODS", "LoRA", "LoRATask", "MetaBatches", "MetaLearner", "Method",
+    "Reptile", "StepLog", "StructuredLoRA", "TaskStats", "ZeroShot", "create_method", "get_method",
+    "meta_learners", "method_config", "method_overrides", "register",
 ]

@@ -1,4 +1,5 @@
-"""The one interface every training algorithm implements (ABMLL and each baseline of METHOD.md section 6).
+"""The one interface every training algorithm implements (ABMLL and each baseline of METHOD.md section 6), and
+the record of a meta-step (:class:`StepLog`).
 
     method = SomeMethod(model, scorer, config)
     method.meta_train(batches, steps)            # batches.meta_batch(step) -> list[Episode]
@@ -6,21 +7,24 @@
     probs = method.predict(adapted, query, seed) # [len(query), n_options] option probabilities
 
 ``state_dict`` holds what is saved as the method's trained weights (θ); ``trainer_state`` what a resumed
-run needs on top (optimiser state, step).
+run needs on top (optimiser state, step). Methods that meta-learn LoRA factors build on the template
+:class:`abmll.methods.template.MetaLearner`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from abmll.config import ABMLLConfig
-from abmll.errors import NonFiniteError
+from abmll.errors import ConfigError, NonFiniteError
 from abmll.models import prepare_model
 from abmll.tasks.data import Episode, Example
 
@@ -29,19 +33,52 @@ class MetaBatches(Protocol):
     def meta_batch(self, step: int) -> list[Episode]: ...
 
 
-LogFn = Callable[[dict[str, Any]], None]
+@dataclass
+class StepLog:
+    """What a meta-step reports: one line of a run's ``log.jsonl`` (:meth:`to_dict`), read by the command line's
+    progress, the report's training curves and the trackers. A field that does not apply to a method is None
+    (and left out of the line)."""
+
+    step: int  # meta-steps taken, this one included
+    outer_nll: float  # mean outer loss of the meta-batch: NLL of the query sets at φᴷ (eq. 8)
+    kl: float = 0.0  # mean KL(q_φᴷ ‖ p_θ) (eq. 5); 0 for a deterministic method
+    beta_kl_over_nll: float = 0.0  # β · KL / NLL: the weight of the KL term in the outer loss
+    support_nll_first: float | None = None  # mean support loss before the first inner step (at φ⁰ = θ)
+    support_nll_last: float | None = None  # … and after the last one (at φᴷ)
+    log_hyperprior: float = 0.0  # log p(θ) (eq. 6) when γ > 0
+    grad_norm: float = 0.0  # norm of θ's gradient before clipping (Reptile: ‖θ − mean φᴷ‖)
+    world_size: int = 1  # processes that shared the meta-batch
+    skipped_steps: int = 0  # meta-steps skipped so far for a non-finite loss (meta.nonfinite = "skip")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+LogFn = Callable[[StepLog], None]
 
 
 class Method(ABC):
     """A training algorithm behind the shared interface."""
 
     name: ClassVar[str]
+    #: The method's own settings: a dataclass registered as the config section named after the method
+    #: (:func:`abmll.config.register_settings`), read with :attr:`settings`; None when it has none.
+    settings_type: ClassVar[type | None] = None
+    #: True for methods whose adapter layers are Bayesian (ΔW = μ + σ ⊙ ε); False for a deterministic LoRA
+    #: (ΔW = μ) or no adapter at all (:attr:`adapted`).
+    bayesian: ClassVar[bool] = False
+    #: False for methods that run on the base model alone, with no adapter layers.
+    adapted: ClassVar[bool] = True
     #: False for methods that learn nothing across tasks (their ``meta_train`` is a no-op and they need no
     #: trained checkpoint): the comparison harness and ``abmll evaluate`` skip meta-training for them.
     meta_learns: ClassVar[bool] = True
-    #: Config overrides (dotted fields) that make up the method's own preset, e.g. MAML's second-order
-    #: gradients. :func:`abmll.methods.method_config` applies them where a config leaves the field at the
-    #: library default; ``create_method`` leaves the config as given.
+    #: Overrides of the shared config (dotted fields) that make up the method's preset, for a method that needs
+    #: a library setting other than its default (its own hyperparameters go in :attr:`settings_type`).
+    #: :func:`abmll.methods.method_config` applies them where a config leaves the field at the library default;
+    #: ``create_method`` leaves the config as given.
     default_overrides: ClassVar[dict[str, Any]] = {}
     #: The method whose meta-training this one shares unchanged (same θ from the same config and seed). A
     #: comparison loads the θ of that method's cell of the same seed (``OUT/{method}/seed-S/train/final``)
@@ -62,6 +99,15 @@ class Method(ABC):
         self.scorer = scorer
         self.config = config
         self.step = 0
+
+    @property
+    def settings(self) -> Any:
+        """The method's own config section: that of the nearest class (this one or a parent) that declares
+        :attr:`settings_type`, named after that class's method."""
+        for cls in type(self).__mro__:
+            if cls.__dict__.get("settings_type") is not None:
+                return self.config.section(cls.name)
+        raise ConfigError(f"method '{self.name}' has no settings of its own")
 
     def meta_train(  # noqa: B027 - a no-op default, not an abstract method
         self,

@@ -17,88 +17,72 @@ meta-batch of T tasks:
 - Test time is the same as every LoRA baseline: K_test SGD steps from θ on the support set, then the
   mean ΔW.
 
-Across ranks each rank adapts every world-size-th task and the pseudo-gradients are summed with an
-all-reduce, as in ABMLL.
+Across ranks each rank adapts every world-size-th task and the pseudo-gradients are summed, as for every
+method of the template (:class:`abmll.methods.template.MetaLearner`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
-from abmll.config import ABMLLConfig
-from abmll.methods.abmll import _INNER, _world
-from abmll.methods.lora import StructuredLoRA
+from abmll.config import check, is_int, is_number
+from abmll.inner import chunks
+from abmll.methods.template import INNER, MetaLearner, TaskStats
 
 
-class Reptile(StructuredLoRA):
+@dataclass
+class ReptileSettings:
+    """Reptile's own settings (the config section ``reptile``): θ ← θ + ε (mean_i φ_iᴷ − θ)."""
+
+    epsilon: float = field(
+        default=0.1, metadata={"help": "ε: Reptile's outer step size toward the meta-batch's mean adapted weights."}
+    )
+    inner_steps: int | None = field(
+        default=None, metadata={"help": "K of Reptile's inner loop during meta-training; null uses inner.inner_steps."}
+    )
+
+    def __post_init__(self) -> None:
+        check(is_number(self.epsilon, 0, strict=True), "reptile.epsilon", self.epsilon, "a finite number > 0")
+        if self.inner_steps is not None:
+            check(is_int(self.inner_steps, 1), "reptile.inner_steps", self.inner_steps, "an integer ≥ 1 or null")
+
+
+class Reptile(MetaLearner):
     """Reptile on the deterministic LoRA factors: move θ toward the mean adapted weights of the meta-batch."""
 
     name = "reptile"
+    settings_type = ReptileSettings
+    clips = False  # the update is ε times a displacement, not a gradient
 
-    def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
-        super().__init__(model, scorer, config)
-        self.optimizer = torch.optim.SGD(list(self.theta.values()), lr=self.epsilon)
-        self._optimizer_order = list(self.theta)
-
-    @property
-    def epsilon(self) -> float:
-        """Reptile's outer step size ε (``reptile.epsilon``)."""
-        return self.config.reptile.epsilon
+    def make_optimizer(self) -> tuple[torch.optim.Optimizer, list[str]]:
+        """Plain SGD at learning rate ε on the pseudo-gradient θ − mean φᴷ: exactly θ + ε (mean φᴷ − θ)."""
+        return torch.optim.SGD(list(self.theta.values()), lr=self.settings.epsilon), list(self.theta)
 
     @property
     def inner_steps(self) -> int:
         """K of Reptile's inner loop (``reptile.inner_steps``, default ``inner.inner_steps``)."""
-        steps = self.config.reptile.inner_steps
+        steps = self.settings.inner_steps
         return self.config.inner.inner_steps if steps is None else steps
 
-    def meta_step(self, episodes: Sequence) -> dict[str, float]:
-        """θ ← θ + ε (mean_i φ_iᴷ − θ) over one meta-batch."""
-        rank, world = _world()
-        self.zero_gradients()
-        T = len(episodes)
-        step = self.step
-        device = next(iter(self.theta.values())).device  # collectives need the parameters' device (NCCL)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # support_first, support_last, tasks
-        for i in range(rank, T, world):
-            episode = episodes[i]
-            losses: list[float] = []
-            phi = self.inner_loop(
-                list(episode.support) + list(episode.query),
-                lambda k, i=i: self._seeds(_INNER, step, i, k, count=1),
-                self.inner_steps,
-                losses=losses,
-            )
-            with torch.no_grad():
-                for key, p in self.theta.items():
-                    p.grad += (p - phi[key]) / T
-            nan = float("nan")
-            sums += torch.tensor(
-                [losses[0] if losses else nan, losses[-1] if losses else nan, 1.0], dtype=torch.float64, device=device
-            )
-        if world > 1:
-            for p in self.theta.values():
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        params = list(self.theta.values())
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        n = float(sums[2])
-        first, last = float(sums[0]) / n, float(sums[1]) / n
-        if self.finite_or_skip(last, float(norm)):  # the NaN/Inf guard: stop, or skip leaving θ as it is
-            self.optimizer.step()
-        self.step += 1
-        return {
-            "step": self.step,
-            # Reptile has no outer loss: report the task loss after the last inner step (at φᴷ).
-            "outer_nll": last,
-            "kl": 0.0,
-            "beta_kl_over_nll": 0.0,
-            "support_nll_first": first,
-            "support_nll_last": last,
-            "log_hyperprior": 0.0,
-            # ‖θ − mean φᴷ‖: the size of the Reptile direction (the update is ε times it).
-            "grad_norm": float(norm),
-        }
+    def task_gradient(self, episode, step: int, task_index: int, weight: float) -> TaskStats:
+        """θ.grad = ``weight`` · (θ − φᴷ): the task's share of θ − mean φᴷ. Reptile has no outer loss: the task
+        loss after the last inner step (at φᴷ) is reported as the outer NLL."""
+        losses: list[float] = []
+        phi = self.inner_loop(
+            list(episode.support) + list(episode.query),
+            lambda k: self.seeds(INNER, step, task_index, k, count=1),
+            self.inner_steps,
+            losses=losses,
+        )
+        with torch.no_grad():
+            for key, p in self.theta.items():
+                p.grad = (p - phi[key]) * weight
+        first, last = (losses[0], losses[-1]) if losses else (None, None)
+        return TaskStats(nll=float("nan") if last is None else last, support_first=first, support_last=last)
+
+    def forward_passes(self, episode) -> int:
+        """K inner steps and the loss after the last one, each a pass per micro-batch of the task's examples."""
+        size = len(episode.support) + len(episode.query)
+        return (self.inner_steps + 1) * len(chunks(range(size), self.config.meta.micro_batch_size))

@@ -17,6 +17,7 @@ class ZeroShot(Method):
 
     name = "zero-shot"
     meta_learns = False
+    adapted = False
 
     def adapt(self, support: Sequence[Example], seed: int) -> None:
         return None
