@@ -18,10 +18,10 @@ import torch
 
 from abmll.bayes import inject
 from abmll.config import ABMLLConfig
-from abmll.models import tiny_llama
 from abmll.scoring import Scorer
 from abmll.tasks.data import Example, Task
 from abmll.tasks.readers import write_metaicl_task
+from abmll.tiny import tiny_llama
 
 torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -17,7 +17,8 @@ import torch
 from abmll import assets
 from abmll.assets import MANIFEST_NAME, REGISTRY, WheelSpec, abmll_home, fetch_wheel, smollm2_folder
 from abmll.errors import AbmllError, AssetError, ModelError
-from abmll.models import DEFAULT_MODEL, load_model, tiny_llama
+from abmll.models import DEFAULT_MODEL, load_model
+from abmll.tiny import tiny_llama
 
 GOOD = b"pretend this is a wheel"
 FAKE = WheelSpec(

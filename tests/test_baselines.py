@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from typer.testing import CliRunner
 
 from abmll.bayes import bayes_layers, clone_factors, posterior, weight_sample
-from abmll.compare import _overrides_markdown
+from abmll.comparison_report import _overrides_markdown
 from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError
 from abmll.inner import adapt
@@ -33,9 +33,9 @@ from abmll.methods import (
     method_overrides,
 )
 from abmll.methods.icl import SEPARATOR, demonstrate, scored_length, with_demonstrations
-from abmll.models import tiny_llama
 from abmll.scoring import Scorer, label_prompt
 from abmll.tasks.data import Episode, MetaBatchSampler, Task
+from abmll.tiny import tiny_llama
 
 
 def _perturb(theta: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import tiny_comparison
 
-from abmll.compare import _paired_markdown, paired_differences, paired_mean_differences
+from abmll.comparison_report import _paired_markdown, paired_differences, paired_mean_differences
 from abmll.errors import ConfigError
 from abmll.methods.icl import SEPARATOR
 
@@ -148,11 +148,12 @@ def test_resume_refuses_a_kept_cell_that_was_run_with_another_config(tmp_path):
 
 
 def test_the_report_counts_the_demonstrations_that_fit(tmp_path):
-    from abmll.compare import demonstrations_kept, run_comparison
+    from abmll.compare import run_comparison
+    from abmll.comparison_report import demonstrations_kept
     from abmll.evaluation import load_episodes
     from abmll.methods.icl import demonstrate
-    from abmll.models import tiny_llama
     from abmll.scoring import Scorer
+    from abmll.tiny import tiny_llama
 
     comparison = tiny_comparison(tmp_path, ["zero-shot", "icl"])
     results = run_comparison(comparison, tmp_path / "out")

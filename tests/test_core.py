@@ -24,9 +24,9 @@ from abmll.errors import CheckpointError, ConfigError, ModelError
 from abmll.inner import adapt
 from abmll.methods import ABMLL
 from abmll.methods.template import OUTER
-from abmll.models import tiny_llama
 from abmll.objectives import gaussian_kl, kl_divergence, log_hyperprior
 from abmll.tasks.data import Episode, MetaBatchSampler
+from abmll.tiny import tiny_llama
 
 
 def _perturb(theta: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> None:

@@ -138,8 +138,8 @@ def runs(tmp_path_factory):
     model sharded by FSDP (and gradient checkpointing)."""
     from conftest import BAD, GOOD, family_task
 
-    from abmll.models import tiny_llama
     from abmll.tasks.readers import write_metaicl_task
+    from abmll.tiny import tiny_llama
 
     root = tmp_path_factory.mktemp("dist")
     model, tokenizer = tiny_llama(seed=0)

@@ -20,10 +20,10 @@ from abmll.checkpoint import MANIFEST, PRIOR_FILE, save_checkpoint
 from abmll.errors import CheckpointError, ConfigError, DataError
 from abmll.interop import EXPORT_INFO, PEFT_CONFIG, PEFT_WEIGHTS, read_support
 from abmll.methods import create_method
-from abmll.models import tiny_llama
 from abmll.scoring import Scorer
 from abmll.tasks.data import Example, Task
 from abmll.tasks.readers import write_metaicl_task, write_tsv
+from abmll.tiny import tiny_llama
 
 RANK = 4
 #: alpha 16 / rank 4: abmll's s = 4; the imported PEFT adapters use other alphas to exercise the rescaling.
@@ -209,7 +209,7 @@ def test_export_peft_of_gpt2_conv1d_layers(tmp_path):
         got = PeftModel.from_pretrained(base, str(out))(**ids).logits
     assert_matches(got, want, before)
 
-    from abmll.models import tiny_tokenizer
+    from abmll.tiny import tiny_tokenizer
 
     merged_out = abmll.export_merged(model, tiny_tokenizer(), tmp_path / "merged")
     with torch.no_grad():

@@ -24,10 +24,10 @@ from abmll.cli import app
 from abmll.config import ABMLLConfig, BayesLoRAConfig
 from abmll.errors import ConfigError, ModelError
 from abmll.methods import create_method
-from abmll.models import tiny_llama
 from abmll.plan import LiveBytes, format_bytes, load_config, measure_peak, meta_model, plan
 from abmll.scoring import Scorer
 from abmll.tasks.data import Episode, Example
+from abmll.tiny import tiny_llama
 
 TOLERANCE = 0.20
 

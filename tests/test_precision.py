@@ -19,8 +19,9 @@ from abmll.bayes import bayes_layers
 from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError, ModelError
 from abmll.methods.abmll import ABMLL
-from abmll.models import check_quantization, eval_mode, load_model, tiny_llama
+from abmll.models import check_quantization, eval_mode, load_model
 from abmll.tasks.data import Episode
+from abmll.tiny import tiny_llama
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 GPU_QUANT = torch.cuda.is_available() and HAS_BNB

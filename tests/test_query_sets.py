@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from abmll.cli import app
 from abmll.errors import DataError
 from abmll.evaluation import load_episodes, query_sets, query_warnings
-from abmll.models import tiny_llama
 from abmll.tasks.data import Task, example_key
 from abmll.tasks.readers import write_metaicl_task
+from abmll.tiny import tiny_llama
 
 SEEDS = [100, 13, 21]
 

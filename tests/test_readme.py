@@ -28,7 +28,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
         pytest.skip(f"the built-in suite is absent and could not be fetched: {exc}")
     code = python_example()
     assert len(MODEL_LINE.findall(code)) == 1, "the example loads its model in exactly one line"
-    code = MODEL_LINE.sub("from abmll.models import tiny_llama\nmodel, tokenizer = tiny_llama(seed=0)", code)
+    code = MODEL_LINE.sub("from abmll.tiny import tiny_llama\nmodel, tokenizer = tiny_llama(seed=0)", code)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own example

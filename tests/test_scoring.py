@@ -16,10 +16,10 @@ from abmll.bayes import prior, weight_sample
 from abmll.config import ScoringConfig
 from abmll.errors import ConfigError
 from abmll.metrics import task_metrics
-from abmll.models import tiny_llama
 from abmll.scoring import Scorer, label_prompt, option_probabilities
 from abmll.tasks.data import Example
 from abmll.tasks.readers import read_metaicl_file
+from abmll.tiny import tiny_llama
 
 REAL_FIXTURE = Path(__file__).parent / "fixtures" / "real" / "easy_qa.jsonl"
 TOL = 1e-5

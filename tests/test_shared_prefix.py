@@ -16,9 +16,9 @@ from abmll.bayes import prior, weight_sample
 from abmll.config import ScoringConfig
 from abmll.methods import create_method
 from abmll.methods.icl import SEPARATOR, demonstration
-from abmll.models import tiny_llama
 from abmll.scoring import SHARED_MIN, Scorer
 from abmll.tasks.data import Example
+from abmll.tiny import tiny_llama
 
 TOL = 1e-5
 DEMOS = f"{LONG} yes\n\nthe dog ran after the cat no\n\n"  # a prefix of ≥ SHARED_MIN tokens shared by every row

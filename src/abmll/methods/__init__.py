@@ -52,7 +52,7 @@ for _method in (ZeroShot, ICL, LoRA, LoRATask, StructuredLoRA, Reptile, MAML, AB
 def get_method(name: str) -> type[Method]:
     """The registered method ``name``; :class:`ConfigError` listing the registered ones otherwise."""
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     return METHODS[name]
 
 
