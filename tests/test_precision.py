@@ -171,7 +171,9 @@ def test_train_in_bfloat16_from_the_launcher_with_checkpointing(tmp_path, monkey
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert saved["config"]["compute"] == {"dtype": "bfloat16", "gradient_checkpointing": True, "quantization": "none"}
+    assert saved["config"]["compute"] == {
+        "dtype": "bfloat16", "gradient_checkpointing": True, "merge_without_grad": True, "quantization": "none"
+    }
     assert saved["world_size"] == 1
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["outer_nll"] == r["outer_nll"] for r in log)  # not NaN
@@ -249,7 +251,9 @@ def test_compute_section_roundtrips_and_older_configs_load(tmp_path):
         {"compute.dtype": "bfloat16", "compute.gradient_checkpointing": True, "compute.quantization": "4bit"}
     )
     data = config.to_dict()
-    assert data["compute"] == {"dtype": "bfloat16", "gradient_checkpointing": True, "quantization": "4bit"}
+    assert data["compute"] == {
+        "dtype": "bfloat16", "gradient_checkpointing": True, "merge_without_grad": True, "quantization": "4bit"
+    }
     assert ABMLLConfig.from_dict(json.loads(json.dumps(data))) == config
     config.save(tmp_path / "c.json")
     assert ABMLLConfig.load(tmp_path / "c.json") == config

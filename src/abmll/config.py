@@ -403,6 +403,14 @@ class ComputeConfig:
         default=False,
         metadata={"help": "Recompute each decoder layer's activations in the backward pass (less memory, slower)."},
     )
+    merge_without_grad: bool = field(
+        default=True,
+        metadata={
+            "help": "At prediction with weight samples (no gradients), run each adapted linear layer as one product "
+            "with W0 + ΔW, formed once per posterior and sample (equal within float rounding; one dense weight per "
+            "adapted layer held meanwhile); false: the base product plus the update's two."
+        },
+    )
     quantization: str = field(
         default="none",
         metadata={
@@ -417,6 +425,12 @@ class ComputeConfig:
             isinstance(self.gradient_checkpointing, bool),
             "compute.gradient_checkpointing",
             self.gradient_checkpointing,
+            "true or false",
+        )
+        check(
+            isinstance(self.merge_without_grad, bool),
+            "compute.merge_without_grad",
+            self.merge_without_grad,
             "true or false",
         )
         check(

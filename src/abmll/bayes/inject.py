@@ -158,6 +158,7 @@ def posterior(model: nn.Module, phi: dict[str, torch.Tensor] | None) -> Iterator
     finally:
         for name, layer in layers.items():
             layer.posterior = previous[name]
+            layer.clear_merged()
 
 
 @contextmanager
@@ -172,6 +173,7 @@ def weight_sample(model: nn.Module, seed: int | None) -> Iterator[None]:
     finally:
         for layer, old in zip(layers, previous, strict=True):
             layer.noise_seed = old
+            layer.clear_merged()
 
 
 @contextmanager

@@ -90,6 +90,11 @@ class LoRALinear(nn.Module):
         self.posterior: dict[str, torch.Tensor] | None = None
         self.noise_seed: int | None = None
         self.enabled = True
+        #: Without gradients and under a weight sample, a Bayesian layer runs one product with the merged weight
+        #: W0 + ΔW (formed once per posterior and sample) instead of the base product and the update's two (eq. 4;
+        #: equal within float rounding). Only for an ``nn.Linear`` base layer; ``compute.merge_without_grad`` sets it.
+        self.merge = True
+        self._merged: tuple[tuple, torch.Tensor] | None = None
 
     def add_factors(self) -> None:
         """Create θ's parameters (:attr:`factor_names`): always float32, whatever the base layer's dtype."""
@@ -123,11 +128,22 @@ class LoRALinear(nn.Module):
         dtype = h.dtype
         return self.scaling * ((h @ factors["mu_A"].T.to(dtype)) @ factors["mu_B"].T.to(dtype))
 
+    def clear_merged(self) -> None:
+        """Drop the merged weight W0 + ΔW (of a Bayesian layer), if one is held."""
+        self._merged = None
+
+    def merges(self) -> bool:
+        """Whether this forward runs one product with W0 + ΔW: never for a deterministic layer, whose low-rank
+        product is the cheaper one."""
+        return False
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         if not self.enabled:
-            return y
+            return self.base_layer(x, *args, **kwargs)
         f = self.factors()
+        if not args and not kwargs and self.merges():
+            return F.linear(x, self.merged_weight(f), self.base_layer.bias)
+        y = self.base_layer(x, *args, **kwargs)
         # The products run in the activations' dtype (bfloat16 under compute.dtype = bfloat16); the factors (and
         # σ, ε) stay in their own dtype (float32) until the cast of the product's input.
         dtype = x.dtype if x.is_floating_point() else f["mu_A"].dtype
@@ -201,6 +217,26 @@ class BayesLoRALinear(LoRALinear):
         """One weight sample ΔW = μ + σ ⊙ ε (eq. 3), dense ``[d_out, d_in]``."""
         mu_A = factors["mu_A"]
         return self.mean(factors) + self.sigma(factors) * self.noise(seed, mu_A.device)
+
+    def merges(self) -> bool:
+        """True without gradients, under a weight sample (a dense ΔW), on an ``nn.Linear`` base layer, with
+        ``merge`` on."""
+        return (
+            self.merge and self.noise_seed is not None and not torch.is_grad_enabled()
+            and type(self.base_layer) is nn.Linear
+        )  # fmt: skip
+
+    def merged_weight(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """W0 + ΔW for the weight sample of ``noise_seed`` (eqs. 3–4), formed once and kept while the factors, their
+        values (``_version``), the sample and W0 stay the same; :func:`abmll.bayes.inject.posterior` and
+        ``weight_sample`` drop it on exit."""
+        weight = self.base_layer.weight
+        key = (self.noise_seed, id(weight), weight._version, *((id(t), t._version) for t in factors.values()))
+        if self._merged is None or self._merged[0] != key:
+            self._merged = None  # free the old one first
+            delta = self.sample_delta(factors, self.noise_seed)
+            self._merged = (key, (weight.float() + delta).to(weight.dtype))
+        return self._merged[1]
 
     def update(self, h: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         """x ΔWᵀ: the low-rank mean path, plus x (σ ⊙ ε)ᵀ under a weight sample (``noise_seed`` set)."""

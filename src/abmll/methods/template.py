@@ -66,6 +66,8 @@ class MetaLearner(Method):
     def __init__(self, model: nn.Module, scorer, config: ABMLLConfig) -> None:
         super().__init__(model, scorer, config)
         self.layers = bayes_layers(model)
+        for layer in self.layers.values():
+            layer.merge = config.compute.merge_without_grad
         self.theta = prior(model, FACTORS if self.bayesian else MEAN_FACTORS)
         self.optimizer, self._optimizer_order = self.make_optimizer()
 
