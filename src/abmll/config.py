@@ -77,6 +77,13 @@ class BayesLoRAConfig:
     sigma_init: float = field(
         default=1e-3, metadata={"help": "σ of every entry at initialisation (must be ≥ sigma_floor)."}
     )
+    layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Adapt the target modules of the top N decoder blocks only (null: of every block). Nothing below "
+            "the lowest adapted block needs a backward pass."
+        },
+    )
 
     def __post_init__(self) -> None:
         check(is_int(self.rank, 1), "lora.rank", self.rank, "an integer ≥ 1")
@@ -106,6 +113,8 @@ class BayesLoRAConfig:
                 self.sigma_init,
                 f"a number > sigma_floor ({self.sigma_floor}) with sigma_transform '{self.sigma_transform}'",
             )
+        if self.layers is not None:
+            check(is_int(self.layers, 1), "lora.layers", self.layers, "an integer ≥ 1 or null")
         if isinstance(self.targets, str):
             check(
                 self.targets == "all-linear" or self.targets.startswith("re:"),

@@ -66,6 +66,8 @@ def inject(
         raise ModelError(
             f"no module of the model matches targets {config.targets!r}; linear modules: {linear}"
         )
+    if config.layers is not None:
+        names = top_blocks(model, names, config.layers)
     for p in model.parameters():
         p.requires_grad_(False)
     for index, name in enumerate(names):
@@ -91,6 +93,25 @@ def inject(
             layer.reset_parameters(generator)
         setattr(parent, child, layer)
     return names
+
+
+def top_blocks(model: nn.Module, names: list[str], n: int) -> list[str]:
+    """The module names of ``names`` inside the top ``n`` decoder blocks (``lora.layers``). A block is an element of
+    the model's longest ``nn.ModuleList`` (``model.layers`` of a Llama, ``transformer.h`` of GPT-2)."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ModelError("lora.layers: the model has no list of decoder blocks (an nn.ModuleList) to count from")
+    blocks_name, blocks = max(lists, key=lambda item: len(item[1]))
+    lowest = max(len(blocks) - n, 0)
+    prefix = f"{blocks_name}." if blocks_name else ""
+    kept = [name for name in names if name.startswith(prefix) and int(name[len(prefix):].split(".")[0]) >= lowest]
+    outside = [name for name in names if not name.startswith(prefix)]
+    if outside:
+        raise ModelError(
+            f"lora.layers = {n}: target module '{outside[0]}' is not inside a decoder block ({blocks_name}.N); "
+            "choose targets inside the blocks or leave lora.layers null"
+        )
+    return kept
 
 
 def bayes_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -205,6 +226,7 @@ __all__ = [
     "is_bayesian",
     "posterior",
     "prior",
+    "top_blocks",
     "unwrap",
     "weight_sample",
 ]
