@@ -3,7 +3,7 @@
 
 Same model (SmolLM2-135M, ``load_model(None)``, float32, CPU), same task posterior φ (θ moved off B = 0), same
 query batch (``--batch`` four-option questions after a short passage, from ``scoring_head.py``), the library's
-:meth:`abmll.methods.abmll.ABMLL.predict` under ``torch.no_grad``: ``mean`` (one pass), ``sample`` with S = 1
+:meth:`abmll.methods.template.MetaLearner.predict` under ``torch.no_grad``: ``mean`` (one pass), ``sample`` with S = 1
 and with S = ``--samples`` (default 8, the library default). Each weight sample is one more forward pass that
 also forms the dense σ ⊙ ε of every adapted layer, so S samples are expected to cost about S mean passes plus
 that overhead. Timings interleaved (warm-ups of each, then ``--reps`` calls of each, order alternating);
