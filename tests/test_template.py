@@ -75,3 +75,13 @@ def test_a_registered_method_runs_through_train_evaluate_compare_and_plan(toy, t
     bayesian = json.loads(invoke("plan", "--model", tiny_config, "--batch", 2, "--seq-len", 8, "--json").output)
     # the toy's deterministic LoRA holds the mean factors only; ABMLL's as many σ factors and a λ per layer
     assert bayesian["adapter_params"] == 2 * data["adapter_params"] + data["target_modules"]
+
+
+def test_a_registered_method_gets_a_search_space_with_its_own_settings(toy):
+    from abmll.tune import search_space
+
+    space = search_space(toy)
+    # the template's fields of a deterministic meta-learner, and the range its own ε declares
+    assert {"inner.test_inner_lr", "inner.inner_lr", "meta.outer_lr"} <= set(space)
+    assert not any(name.startswith(("objective.", "lora.sigma")) for name in space)
+    assert (space["fixed-step-maml.epsilon"].low, space["fixed-step-maml.epsilon"].high) == (0.01, 0.5)

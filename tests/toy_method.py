@@ -17,7 +17,10 @@ from abmll.methods.template import MetaLearner
 class FixedStepSettings:
     """The toy method's own settings: the config section ``fixed-step-maml``."""
 
-    epsilon: float = field(default=0.05, metadata={"help": "ε: the fixed SGD step on θ."})
+    epsilon: float = field(
+        default=0.05,
+        metadata={"help": "ε: the fixed SGD step on θ.", "search": {"low": 0.01, "high": 0.5, "log": True}},
+    )
 
     def __post_init__(self) -> None:
         check(is_number(self.epsilon, 0, strict=True), "fixed-step-maml.epsilon", self.epsilon, "a number > 0")

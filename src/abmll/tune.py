@@ -25,6 +25,7 @@ and writer of ``tuned.json`` are the parts of one command that must agree with e
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -86,10 +87,11 @@ _BAYES = {
     "meta.sigma_lr": Range(1e-4, 1e-1, log=True),  # AdamW on θ's σ factors
     "predict.samples": Range(1, 16, log=True, integer=True),  # S
 }
-#: Per method, the config fields searched and their ranges. A field a method does not read is left out:
-#: ``lora`` meta-trains by pooled steps at ``meta.outer_lr`` (no inner loop); Reptile's outer step is
-#: ``reptile.epsilon`` and its K ``reptile.inner_steps`` (not ``meta.outer_lr``, ``inner.inner_steps``); the
-#: deterministic methods predict with the mean ΔW (no β, σ or S). ``zero-shot`` and ``icl`` have nothing to tune.
+#: Per built-in method, the shared config fields searched and their ranges. A field a method does not read is left
+#: out: ``lora`` meta-trains by pooled steps at ``meta.outer_lr`` (no inner loop); Reptile's outer step and K are its
+#: own settings (not ``meta.outer_lr``, ``inner.inner_steps``); the deterministic methods predict with the mean ΔW
+#: (no β, σ or S). ``zero-shot`` and ``icl`` have nothing to tune. A method's own settings add the ranges their
+#: fields declare (:func:`settings_ranges`); :func:`search_space` gives the whole space of any registered method.
 SEARCH_SPACE: dict[str, dict[str, Range]] = {
     "zero-shot": {},
     "icl": {},
@@ -97,15 +99,37 @@ SEARCH_SPACE: dict[str, dict[str, Range]] = {
     "lora": {**_TEST_TIME, **_OUTER_LR},
     "structured-lora": {**_TEST_TIME, **_META},
     "maml": {**_TEST_TIME, **_META},
-    "reptile": {
-        **_TEST_TIME,
-        **_INNER_LR,
-        "reptile.epsilon": Range(1e-2, 1.0, log=True),  # ε
-        "reptile.inner_steps": Range(1, 10, integer=True),
-    },
+    "reptile": {**_TEST_TIME, **_INNER_LR},
     "abmll": {**_TEST_TIME, **_META, **_BAYES},
     "abmll-icl": {**_TEST_TIME, **_META, **_BAYES},
 }
+
+
+def settings_ranges(method: str) -> dict[str, Range]:
+    """The searched ranges a method's own settings declare: each field with ``metadata["search"]`` (the keyword
+    arguments of :class:`Range`), as ``"{method}.{field}"``."""
+    settings = get_method(method).__dict__.get("settings_type")
+    if settings is None:
+        return {}
+    return {
+        f"{method}.{f.name}": Range(**f.metadata["search"])
+        for f in dataclasses.fields(settings)
+        if "search" in f.metadata
+    }
+
+
+def search_space(method: str) -> dict[str, Range]:
+    """Every field searched for ``method``: :data:`SEARCH_SPACE`'s entry of a built-in method, or for another
+    registered one the template's (the test-time pair, and for a method that meta-learns the inner and outer step
+    sizes and K, with the Bayesian fields where it is Bayesian); plus its own settings' ranges."""
+    cls = get_method(method)
+    if method in SEARCH_SPACE:
+        base = SEARCH_SPACE[method]
+    elif not cls.meta_learns:
+        base = dict(_TEST_TIME) if cls.adapted else {}
+    else:
+        base = {**_TEST_TIME, **_META, **(_BAYES if cls.bayesian else {})}
+    return {**base, **settings_ranges(method)}
 
 
 @dataclass
@@ -149,7 +173,7 @@ class Tuning:
 
     def space(self, method: str) -> dict[str, Range]:
         """The method's searched fields, less those held fixed."""
-        return {name: r for name, r in SEARCH_SPACE[method].items() if name not in self.fixed}
+        return {name: r for name, r in search_space(method).items() if name not in self.fixed}
 
     def setup(self, method: str) -> dict[str, Any]:
         """What a study's trials depend on; a resumed study must have the same."""
@@ -337,7 +361,7 @@ def run_tuning(
             if tuning.space(method):
                 todo.append(method)
             else:
-                fields = ", ".join(SEARCH_SPACE[method])
+                fields = ", ".join(search_space(method))
                 held = f" (its fields are held by --set: {fields})" if fields else ""
                 say(f"{method}: nothing to tune{held}; skipped")
         storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}") if db.exists() else None
@@ -499,8 +523,8 @@ def read_tuned(path: str | Path) -> dict[str, dict[str, Any]]:
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: method {method!r}: expected an object {{field: value}}, got {values!r}")
         for name, value in values.items():
-            if name not in SEARCH_SPACE[method]:
-                known = sorted(SEARCH_SPACE[method]) or "none"
+            if name not in search_space(method):
+                known = sorted(search_space(method)) or "none"
                 try:
                     ABMLLConfig().override({name: value})
                 except ConfigError:
@@ -527,6 +551,16 @@ def check_tuned(tuned: dict[str, dict[str, Any]], config: ABMLLConfig, source: s
 
 
 __all__ = [
-    "OBJECTIVE", "SEARCH_SPACE", "Range", "Tuning", "check_tuned", "dev_episodes", "from_setting", "objective",
-    "read_tuned", "run_tuning",
+    "OBJECTIVE",
+    "Range",
+    "SEARCH_SPACE",
+    "Tuning",
+    "check_tuned",
+    "dev_episodes",
+    "from_setting",
+    "objective",
+    "read_tuned",
+    "run_tuning",
+    "search_space",
+    "settings_ranges",
 ]

@@ -37,10 +37,18 @@ class ReptileSettings:
     """Reptile's own settings (the config section ``reptile``): θ ← θ + ε (mean_i φ_iᴷ − θ)."""
 
     epsilon: float = field(
-        default=0.1, metadata={"help": "ε: Reptile's outer step size toward the meta-batch's mean adapted weights."}
+        default=0.1,
+        metadata={
+            "help": "ε: Reptile's outer step size toward the meta-batch's mean adapted weights.",
+            "search": {"low": 1e-2, "high": 1.0, "log": True},  # abmll tune's range
+        },
     )
     inner_steps: int | None = field(
-        default=None, metadata={"help": "K of Reptile's inner loop during meta-training; null uses inner.inner_steps."}
+        default=None,
+        metadata={
+            "help": "K of Reptile's inner loop during meta-training; null uses inner.inner_steps.",
+            "search": {"low": 1, "high": 10, "integer": True},
+        },
     )
 
     def __post_init__(self) -> None:
