@@ -50,6 +50,7 @@ from abmll.models import DEFAULT_MODEL
 from abmll.runner import meta_train_run, run_lock
 from abmll.tasks.readers import ColumnData, load_training_tasks, read_column_data, read_setting
 from abmll.tracking import Tracker, flatten
+from abmll.validation import dev_episodes
 
 logger = logging.getLogger("abmll.compare")
 
@@ -121,6 +122,9 @@ class Comparison:
     #: Per method, config values tuned on meta-validation tasks (:func:`abmll.tune.read_tuned`), applied on top
     #: of the shared config and the method's own preset in each of its cells.
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The setting's meta-validation ('dev') tasks: with ``meta.validate_every`` every meta-training validates on
+    #: them (and, with ``meta.patience``, stops early; :mod:`abmll.validation`).
+    dev_tasks: list[str] = field(default_factory=list)
     _read: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -168,7 +172,7 @@ def from_preset(
             "data read through --columns has no settings/ folder: name its tasks with --setting or --tasks"
         )
     if test_tasks is not None:
-        groups = {"train": [], "test": list(test_tasks)}
+        groups = {"train": [], "test": list(test_tasks), "dev": []}
     else:
         groups = read_setting(setting or Path(data_dir) / "settings" / spec["setting"])
     return Comparison(
@@ -176,6 +180,7 @@ def from_preset(
         data_dir=Path(data_dir),
         train_tasks=groups["train"],
         test_tasks=groups["test"],
+        dev_tasks=groups.get("dev", []),
         seeds=list(spec["seeds"]),
         config=ABMLLConfig().override(spec["config"]),
         query_size=spec["query_size"],
@@ -276,6 +281,7 @@ def run_cell(
             resume=True,
             progress=(lambda r: progress(f"meta-training {method_name} seed {seed}", r)) if progress else None,
             tracker=scoped.scoped("train") if scoped is not None else None,
+            validation=validation_episodes(comparison, config),
         )
     episodes = load_episodes(
         comparison.data, comparison.test_tasks, comparison.k, [seed], comparison.query_size, comparison.seeds
@@ -304,6 +310,17 @@ def run_cell(
         step = config.meta.meta_steps if method.meta_learns else 0
         scoped.log({"eval": metrics, "wall_s": wall_s}, step=step)
     return out
+
+
+def validation_episodes(comparison: Comparison, config: ABMLLConfig) -> dict | None:
+    """The meta-validation episodes of a cell's meta-training, when ``meta.validate_every`` is set (one per 'dev'
+    task, seed 100); a comparison without 'dev' tasks then raises :class:`ConfigError`."""
+    if config.meta.validate_every is None:
+        return None
+    if not comparison.dev_tasks:
+        raise ConfigError("meta.validate_every needs meta-validation tasks: a setting with 'dev' tasks")
+    meta = config.meta
+    return dev_episodes(comparison.data, comparison.dev_tasks, meta.support_size, [100], meta.validation_query_size)
 
 
 def run_comparison(

@@ -293,6 +293,23 @@ class MetaConfig:
     support_size: int = field(default=16, metadata={"help": "k: support examples per meta-training episode."})
     query_size: int = field(default=16, metadata={"help": "Query examples per meta-training episode."})
     checkpoint_every: int = field(default=50, metadata={"help": "Save a checkpoint every N meta-steps."})
+    validate_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "Every N meta-steps (and after the last), adapt to the meta-validation episodes and log their mean "
+            "query NLL and the mean σθ; null: never. Needs meta-validation ('dev') tasks."
+        },
+    )
+    validation_query_size: int = field(
+        default=32, metadata={"help": "Query examples of each meta-validation episode (one per 'dev' task)."}
+    )
+    patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after this many validations in a row without a lower meta-validation NLL, and keep the θ "
+            "of the best validation as the final θ; null: run every meta-step."
+        },
+    )
     nonfinite: str = field(
         default="stop",
         metadata={
@@ -303,7 +320,8 @@ class MetaConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "meta_steps", "meta_batch_size", "micro_batch_size", "support_size", "query_size", "checkpoint_every"
+            "meta_steps", "meta_batch_size", "micro_batch_size", "support_size", "query_size", "checkpoint_every",
+            "validation_query_size",
         ):
             value = getattr(self, name)
             low = 0 if name == "meta_steps" else 1
@@ -322,6 +340,13 @@ class MetaConfig:
                 self.max_grad_norm,
                 "a finite number > 0 or null",
             )
+        for name in ("validate_every", "patience"):
+            value = getattr(self, name)
+            if value is not None:
+                check(is_int(value, 1), f"meta.{name}", value, "an integer ≥ 1 or null")
+        if self.patience is not None:
+            allowed = "null unless meta.validate_every is set"
+            check(self.validate_every is not None, "meta.patience", self.patience, allowed)
         check(self.outer_data in OUTER_DATA, "meta.outer_data", self.outer_data, f"one of {OUTER_DATA}")
         check(self.nonfinite in NONFINITE, "meta.nonfinite", self.nonfinite, f"one of {NONFINITE}")
 

@@ -39,27 +39,55 @@ def reliability_diagram(predictions: list[dict[str, Any]], mean: dict[str, Any],
     return Path(path)
 
 
+#: The panels of :func:`training_curves`: (title, what is read from a meta-step's log line).
+CURVES = (
+    ("outer NLL (query)", lambda r: r.get("outer_nll")),
+    ("support NLL: before (dashed) / after the inner loop", None),
+    ("β·KL / NLL", lambda r: r.get("beta_kl_over_nll")),
+    ("meta-validation NLL", lambda r: (r.get("validation") or {}).get("dev_nll")),
+    ("mean σθ (at validations)", lambda r: (r.get("validation") or {}).get("sigma_theta")),
+)
+
+
+def _read_log(file: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
+    return [r for r in rows if "outer_nll" in r]  # meta-step records (not e.g. a config change)
+
+
 def training_curves(logs: dict[str, list[Path]], path: str | Path) -> Path | None:
-    """Outer NLL per meta-step for every method that meta-trains (one line per seed)."""
-    logs = {name: files for name, files in logs.items() if files}
+    """Learning curves of every method that meta-trains, one line per seed: outer NLL, the support NLL before and
+    after the inner loop, β·KL/NLL, and (for runs that validate, ``meta.validate_every``) the meta-validation NLL
+    and the mean σθ. Panels with nothing to draw are left out."""
+    logs = {name: [_read_log(f) for f in files] for name, files in logs.items() if files}
     if not logs:
         return None
-    fig = Figure(figsize=(6, 3.6))
-    ax = fig.subplots()
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for colour, (name, files) in zip(colours, logs.items(), strict=False):
-        for i, file in enumerate(files):
-            rows = [json.loads(line) for line in Path(file).read_text().splitlines() if line.strip()]
-            rows = [r for r in rows if "outer_nll" in r]  # meta-step records (not e.g. a config change)
-            ax.plot(
-                [r["step"] for r in rows],
-                [r["outer_nll"] for r in rows],
-                color=colour,
-                alpha=0.8,
-                label=name if i == 0 else None,
-            )
-    ax.set(xlabel="meta-step", ylabel="outer NLL (query)", title="Meta-training")
-    ax.legend(fontsize=8)
+
+    def points(rows, read):
+        pairs = [(r["step"], read(r)) for r in rows if read(r) is not None]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    panels = []
+    for title, read in CURVES:
+        reads = [lambda r: r.get("support_nll_first"), lambda r: r.get("support_nll_last")] if read is None else [read]
+        if any(points(rows, rd)[0] for runs in logs.values() for rows in runs for rd in reads):
+            panels.append((title, reads))
+    fig = Figure(figsize=(4.2 * min(len(panels), 3), 3.4 * ((len(panels) + 2) // 3)))
+    axes = fig.subplots((len(panels) + 2) // 3, min(len(panels), 3), squeeze=False).flatten()
+    for ax, (title, reads) in zip(axes, panels, strict=False):
+        for colour, (name, runs) in zip(colours, logs.items(), strict=False):
+            for i, rows in enumerate(runs):
+                for j, read in enumerate(reads):
+                    steps, values = points(rows, read)
+                    style = "--" if len(reads) > 1 and j == 0 else "-"
+                    marker = "o" if len(steps) < 30 else None
+                    label = name if i == 0 and j == len(reads) - 1 else None
+                    ax.plot(steps, values, style, marker=marker, markersize=3, color=colour, alpha=0.8, label=label)
+        ax.set(xlabel="meta-step", title=title)
+        ax.title.set_fontsize(9)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return Path(path)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -55,8 +56,9 @@ from abmll.config import ABMLLConfig
 from abmll.distributed import barrier, is_main_process, max_over_processes
 from abmll.errors import CheckpointError, ConfigError, RunInterrupted, RunLockedError
 from abmll.methods.base import Method, StepLog
-from abmll.tasks.data import MetaBatchSampler, Task
+from abmll.tasks.data import Episode, MetaBatchSampler, Task
 from abmll.tracking import Tracker
+from abmll.validation import EarlyStopping, mean_query_nll, mean_sigma
 
 try:
     import fcntl
@@ -70,7 +72,9 @@ LOCK_FILE = ".lock"
 _PARTIAL_PREFIXES = (".step-", ".trash-", ".final.", ".log.jsonl.", ".config.json.", ".config_history.jsonl.")
 #: Config fields a resumed run may change without ``allow_config_change``: they set how long the run goes on
 #: and how often it checkpoints, never what a meta-step computes.
-RESUMABLE_FIELDS = ("meta.meta_steps", "meta.checkpoint_every")
+RESUMABLE_FIELDS = ("meta.meta_steps", "meta.checkpoint_every", "meta.validate_every", "meta.patience")
+#: The θ of the best meta-validation so far, under a run with ``meta.patience`` (:mod:`abmll.validation`).
+BEST = "best"
 CONFIG_HISTORY = "config_history.jsonl"
 _held_locks: dict[str, int] = {}
 
@@ -323,9 +327,14 @@ def meta_train_run(
     progress: Callable[[dict[str, Any]], None] | None = None,
     allow_config_change: bool = False,
     tracker: Tracker | None = None,
+    validation: dict[str, list[Episode]] | None = None,
 ) -> Path:
     """Meta-train ``method`` on ``tasks`` into ``out_dir``; returns the folder of the final θ. ``tracker``
     (:class:`abmll.tracking.Tracker`) gets every meta-step's ``log.jsonl`` record too, at its step.
+
+    With ``validation`` (the meta-validation episodes, :func:`abmll.validation.dev_episodes`) and
+    ``meta.validate_every``, the run validates and, with ``meta.patience``, stops early and keeps the best θ
+    (:mod:`abmll.validation`).
 
     With ``resume``, a config that differs from the checkpoint's (beyond :data:`RESUMABLE_FIELDS`) raises
     :class:`ConfigError` naming the fields, unless ``allow_config_change``: then the run continues with it and
@@ -342,7 +351,7 @@ def meta_train_run(
     with run_lock(out_dir) if main else nullcontext(Path(out_dir)) as out, stop_requests() as stop:
         final = _run(
             method, tasks, out, info, resume, progress if main else None, stop, main, allow_config_change,
-            tracker if main else None,
+            tracker if main else None, validation,
         )  # fmt: skip
     barrier()
     return final
@@ -359,6 +368,7 @@ def _run(
     main: bool = True,
     allow_config_change: bool = False,
     tracker: Tracker | None = None,
+    validation: dict[str, list[Episode]] | None = None,
 ) -> Path:
     config: ABMLLConfig = method.config
     total = config.meta.meta_steps
@@ -395,6 +405,21 @@ def _run(
     )
     checkpoints = out / "checkpoints"
     saved_at = [method.step]
+    every = config.meta.validate_every if validation else None
+    stopping = EarlyStopping.from_log(log_path, config.meta.patience) if every else None
+
+    def validate(record: dict[str, Any]) -> None:
+        """Meta-validation after this step (every rank: under FSDP each forward pass needs all of them)."""
+        nll = mean_query_nll(method, validation)
+        improved = stopping.update(method.step, nll)
+        record["validation"] = {
+            "dev_nll": nll if math.isfinite(nll) else None,
+            "best_step": stopping.best_step,
+            "best_dev_nll": stopping.best_nll if math.isfinite(stopping.best_nll) else None,
+            "sigma_theta": mean_sigma(method),
+        }
+        if improved and main and config.meta.patience is not None:
+            _save(method, out / BEST, info, sampler_info)
 
     def save_step() -> Path:
         path = checkpoints / f"step-{method.step:06d}"
@@ -407,6 +432,8 @@ def _run(
     def on_step(step_log: StepLog) -> None:
         record = step_log.to_dict()
         due = method.step % config.meta.checkpoint_every == 0 and method.step < total
+        if every and (method.step % every == 0 or method.step == total):
+            validate(record)
         if not main:
             return
         with open(log_path, "a", encoding="utf-8") as fh:
@@ -426,7 +453,8 @@ def _run(
         signum = max_over_processes(stop[0] if stop else 0)
         if signum and not stop:
             stop.append(signum)
-        return bool(signum)
+        early = stopping is not None and bool(max_over_processes(int(stopping.stop)))  # rank 0 holds the log
+        return bool(signum) or early
 
     method.meta_train(sampler, log=on_step, should_stop=should_stop)
     if stop and method.step < total:
@@ -441,5 +469,12 @@ def _run(
         )
     final = out / "final"
     if main:
+        if stopping is not None and config.meta.patience is not None and stopping.best_step not in (None, method.step):
+            method.load_state_dict(load_checkpoint(out / BEST)["theta"])  # the final θ is the best validation's
+        if stopping is not None and stopping.best_step is not None:
+            info = {**info, "validation": {
+                "best_step": stopping.best_step, "best_dev_nll": stopping.best_nll, "last_step": method.step,
+                "stopped_early": stopping.stop, "final": "best" if config.meta.patience is not None else "last",
+            }}  # fmt: skip
         _save(method, final, info, sampler_info)
     return final

@@ -42,6 +42,7 @@ from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError
 from abmll.methods import METHODS, get_method, method_config
 from abmll.progress import Reporter
+from abmll.validation import dev_episodes
 
 logger = logging.getLogger("abmll.tune")
 
@@ -251,28 +252,6 @@ def from_setting(
         fixed=sorted(sets),
         **options,
     )
-
-
-def dev_episodes(data_dir: Path, tasks: list[str], k: int, seeds: list[int], query_size: int | None) -> dict:
-    """The dev tasks' episodes (:func:`abmll.evaluation.load_episodes`). A task with only training files (no
-    ``{task}.jsonl`` and no ``_test`` file, as the built-in suite's dev tasks) serves its training examples as
-    a ``{task}.jsonl`` would: each support set drawn from them with its seed, query sets disjoint from it and
-    across seeds."""
-    from abmll.evaluation import load_episodes
-    from abmll.tasks.readers import ColumnData, load_training_tasks, metaicl_files
-
-    with_pool, without = [], []
-    for name in tasks:
-        files = metaicl_files(data_dir, name)
-        whole = Path(data_dir) / name / f"{name}.jsonl"
-        has_pool = whole.is_file() or any(split == "test" for (_, _, split) in files)
-        (with_pool if has_pool else without).append(name)
-    episodes = load_episodes(data_dir, with_pool, k, seeds, query_size) if with_pool else {}
-    if without:
-        loaded, sources = load_training_tasks(data_dir, without)
-        pooled = ColumnData(Path(data_dir), {}, {t.name: t for t in loaded}, sources)
-        episodes.update(load_episodes(pooled, without, k, seeds, query_size))
-    return {name: episodes[name] for name in tasks}
 
 
 def trial_config(tuning: Tuning, method: str, values: dict[str, Any]) -> ABMLLConfig:
@@ -556,7 +535,6 @@ __all__ = [
     "SEARCH_SPACE",
     "Tuning",
     "check_tuned",
-    "dev_episodes",
     "from_setting",
     "objective",
     "read_tuned",

@@ -117,6 +117,7 @@ def train(
             data, setting, tasks, "train", f"; --method {method} meta-trains on them, so it needs at least one", columns
         )
         task_list, train_files = _training_tasks(data_dir, names, show=main)
+        validation = _validation(cfg, data, setting, tasks, columns)
         from abmll.distributed import shard_model
 
         fsdp = _fsdp(cfg)
@@ -142,7 +143,7 @@ def train(
 
             final = meta_train_run(
                 method_obj, task_list, out, info, resume=resume, progress=show,
-                allow_config_change=allow_config_change, tracker=tracker if main else None,
+                allow_config_change=allow_config_change, tracker=tracker if main else None, validation=validation,
             )  # fmt: skip
         if main:
             console.print(f"final θ: {final}")
@@ -174,6 +175,21 @@ def _training_tasks(data_dir, names: list[str], show: bool):
             line = f"meta-training task {name}: {len(task)} examples from {train_files[name]}"
             console.print(escape(line), highlight=False, soft_wrap=True)  # one line, even in a log
     return task_list, train_files
+
+
+def _validation(cfg, data, setting, tasks, columns):
+    """The meta-validation episodes of the setting's 'dev' tasks when ``meta.validate_every`` is set (one per task:
+    ``meta.support_size`` support and ``meta.validation_query_size`` query examples, seed 100), else None."""
+    if cfg.meta.validate_every is None:
+        return None
+    if tasks is not None:
+        raise ConfigError("meta.validate_every needs meta-validation tasks: a --setting with 'dev' tasks, not --tasks")
+    from abmll.validation import dev_episodes
+
+    needed = "; meta.validate_every validates on them"
+    data_dir, names = _data_and_tasks(data, setting, None, "dev", needed, columns)
+    meta = cfg.meta
+    return dev_episodes(data_dir, names, meta.support_size, [100], meta.validation_query_size)
 
 
 def _fsdp(cfg) -> bool:
