@@ -45,7 +45,8 @@ PresetOpt = Annotated[
     Budget,
     typer.Option(
         "--preset",
-        help="Budget: smoke (CI, about a minute), quick (about 15 min on 2 CPU cores), full (3 seeds, about 2 hours).",
+        help="Budget: smoke (CI: 2 meta-steps, two test tasks, one seed), quick (10 meta-steps, every test task, one "
+        "seed, 24 queries), full (10 meta-steps, 3 seeds, 100 queries). abmll plan estimates a meta-step's memory.",
     ),
 ]
 ResumeCellsOpt = Annotated[
