@@ -74,23 +74,45 @@ def prior_figures(name: str, model, scorer: Scorer, config: ABMLLConfig, family:
     layers = bayes_layers(model)
     mean = family.delta()
     distance = [
-        float((layer.mean(layer.prior_factors()) - mean[n]).norm() / mean[n].norm())
-        for n, layer in layers.items()
+        float((layer.mean(layer.prior_factors()) - mean[n]).norm() / mean[n].norm()) for n, layer in layers.items()
     ]
     out = {
         "kl_fraction": predictive_kl(ref["mean"], probs) / predictive_kl(ref["mean"], ref["base"]),
         "mean_distance": sum(distance) / len(distance),
     }
     if name == "abmll":
-        out["sigma"] = {n: float(layer.sigma(layer.prior_factors()).mean()) for n, layer in layers.items()}
+        sigmas = {n: layer.sigma(layer.prior_factors()) for n, layer in layers.items()}
+        out["sigma"] = {n: float(v.mean()) for n, v in sigmas.items()}
+        out["sigma_all"] = float(sum(v.sum() for v in sigmas.values()) / sum(v.numel() for v in sigmas.values()))
     return out
+
+
+def evaluate(method, tasks, k: int, seed: int, query: int, score) -> tuple[list[dict], int]:
+    """Adapt ``method`` to every task's k-shot support set and score its query set; (results, non-finite count)."""
+    results, failed = [], 0
+    for task in tasks:
+        ep = make_episode(task, k, seed, query_size=query)
+        probs = method.predict(method.adapt(ep.support, seed), ep.query, seed)
+        if not torch.isfinite(probs).all():
+            failed += 1
+            continue
+        results.append(score(probs, ep, task))
+    return results, failed
 
 
 def run_family(fname: str, args, config: ABMLLConfig, log) -> dict[str, Any]:
     family = SyntheticFamily.named(fname, seed=args.family_seed)
     meta = config.meta
+    methods = args.family_methods.get(fname, args.methods)
     train = family.tasks(range(args.train_tasks), meta.support_size + meta.query_size + args.train_extra)
     test = family.tasks(range(args.train_tasks, args.train_tasks + args.test_tasks), max(args.shots) + args.query)
+    # Meta-validation tasks: teachers of their own (indices after the test tasks'), never scored in the tables.
+    first_val = args.train_tasks + args.test_tasks
+    val = (
+        family.tasks(range(first_val, first_val + args.val_tasks), max(args.shots) + args.query)
+        if args.select_test_lr
+        else []
+    )
     teacher = {t.name: family.probs(t.examples, family.delta(args.train_tasks + j)) for j, t in enumerate(test)}
     mean_teacher = {t.name: family.probs(t.examples, family.delta()) for t in test}
     base = {t.name: family.probs(t.examples) for t in test}
@@ -101,38 +123,75 @@ def run_family(fname: str, args, config: ABMLLConfig, log) -> dict[str, Any]:
         index = {ex.id: i for i, ex in enumerate(task.examples)}
         return table[task.name][[index[ex.id] for ex in episode.query]]
 
+    def test_score(probs, ep, task) -> dict[str, float]:
+        return scalars(probs, ep.query, rows(teacher, ep, task))
+
+    def val_score(probs, ep, task) -> dict[str, float]:
+        return {"nll": task_metrics(probs, [ex.gold for ex in ep.query])["nll"]}
+
     per_seed: dict[str, dict[str, dict[int, dict | None]]] = {}  # "k=4" → method → seed → macro-average
     notes: list[str] = []
     prior: dict[str, dict[int, dict]] = {}
     timing: dict[str, float] = {}
+    selection: dict[str, dict[str, dict[int, dict]]] = {}  # "k=4" → method → seed → {"lr", "val_nll": {α: NLL}}
     for seed in args.seeds:
-        for name in args.methods:
+        for name in methods:
             cfg = method_config(name, config.override({"seed": seed}))
             model, tok = family.base_model()
             scorer = Scorer(tok, cfg.scoring)
             method = create_method(name, model, scorer, cfg)
             t0 = time.perf_counter()
-            curve: list[float] = []
+            records: list[dict] = []
+            curve: list[dict] = []
+
+            def on_step(
+                record, seed=seed, name=name, model=model, scorer=scorer, cfg=cfg, records=records, curve=curve
+            ):
+                records.append(record)
+                step = record["step"]
+                if args.curve and (step % args.curve == 0 or step == args.steps):
+                    recent = records[-args.curve :]
+                    point = {"step": step}
+                    for key in ("outer_nll", "kl", "support_nll_first", "support_nll_last"):
+                        point[key] = sum(r[key] for r in recent) / len(recent)
+                    point.update(prior_figures(name, model, scorer, cfg, family, probe, ref))
+                    curve.append(point)
+                    sigma = f", σθ {point['sigma_all']:.5f}" if "sigma_all" in point else ""
+                    log(f"{fname} seed {seed} {name} step {step}: outer NLL {point['outer_nll']:.4f}, "
+                        f"KL fraction {point['kl_fraction']:.3f}{sigma}")  # fmt: skip
+
             if method.meta_learns:
                 sampler = MetaBatchSampler(train, meta.support_size, meta.query_size, meta.meta_batch_size, seed=seed)
                 try:
-                    method.meta_train(sampler, steps=args.steps, log=lambda r, c=curve: c.append(r["outer_nll"]))
+                    method.meta_train(sampler, steps=args.steps, log=on_step)
                 except NonFiniteError as exc:  # θ stays as after the last finite step; evaluated as such
                     notes.append(f"{name}, seed {seed}: meta-training stopped: {exc}")
             t1 = time.perf_counter()
             figures = prior_figures(name, model, scorer, cfg, family, probe, ref)
-            figures["outer_nll_first_last"] = [curve[0], curve[-1]] if curve else None
+            figures["outer_nll_first_last"] = [records[0]["outer_nll"], records[-1]["outer_nll"]] if records else None
             figures["meta_steps_done"], figures["skipped_steps"] = method.step, method.skipped_steps
+            if curve:
+                figures["curve"] = curve
             prior.setdefault(name, {})[seed] = figures
             for k in args.shots:
-                results, failed = [], 0
-                for task in test:
-                    ep = make_episode(task, k, seed, query_size=args.query)
-                    probs = method.predict(method.adapt(ep.support, seed), ep.query, seed)
-                    if not torch.isfinite(probs).all():
-                        failed += 1
-                        continue
-                    results.append(scalars(probs, ep.query, rows(teacher, ep, task)))
+                chosen = None
+                if args.select_test_lr:  # α of this method, seed and k: the lowest mean NLL on validation tasks
+                    val_nll = {}
+                    for lr in args.select_test_lr:
+                        at_lr = create_method(name, model, scorer, cfg.override({"inner.test_inner_lr": lr}))
+                        results, failed = evaluate(at_lr, val, k, seed, args.query, val_score)
+                        val_nll[lr] = macro_average(results)["nll"] if not failed else float("inf")
+                    chosen = min(val_nll, key=val_nll.get)
+                    selection.setdefault(f"k={k}", {}).setdefault(name, {})[seed] = {"lr": chosen, "val_nll": val_nll}
+                    log(
+                        f"{fname} seed {seed} {name} k={k}: validation NLL "
+                        + ", ".join(f"α={lr:g}: {v:.4f}" for lr, v in val_nll.items())
+                        + f"; chosen α = {chosen:g}"
+                    )
+                at = method if chosen is None else create_method(
+                    name, model, scorer, cfg.override({"inner.test_inner_lr": chosen})
+                )  # fmt: skip
+                results, failed = evaluate(at, test, k, seed, args.query, test_score)
                 if failed:  # the whole cell is left out of the tables rather than averaged over fewer tasks
                     notes.append(f"{name}, seed {seed}, k = {k}: non-finite predictions on {failed} tasks; left out")
                 cell = macro_average(results) if not failed else None
@@ -152,8 +211,8 @@ def run_family(fname: str, args, config: ABMLLConfig, log) -> dict[str, Any]:
         "kl_mean_teacher_to_base": predictive_kl(ref["mean"], ref["base"]),
         "sigma_init": config.lora.sigma_init,
     }
-    return {"family": {**FAMILIES[fname], "seed": args.family_seed}, "calibration": calibration,
-            "per_seed": per_seed, "prior": prior, "timing": timing, "notes": notes}  # fmt: skip
+    return {"family": {**FAMILIES[fname], "seed": args.family_seed}, "calibration": calibration, "methods": methods,
+            "per_seed": per_seed, "prior": prior, "selection": selection, "timing": timing, "notes": notes}  # fmt: skip
 
 
 def summarise(result: dict[str, Any], methods: list[str]) -> None:
@@ -179,7 +238,27 @@ def summarise(result: dict[str, Any], methods: list[str]) -> None:
         if name == "abmll":
             layers = next(iter(by_seed.values()))["sigma"]
             prior[name]["sigma"] = {n: mean_interval(f["sigma"][n] for f in by_seed.values()) for n in layers}
+            prior[name]["sigma_all"] = mean_interval(f["sigma_all"] for f in by_seed.values())
+        curves = [f["curve"] for f in by_seed.values() if f.get("curve")]
+        if curves:  # the mean over seeds at each recorded step (of the seeds that reached it)
+            steps = sorted({p["step"] for c in curves for p in c})
+            keys = ("outer_nll", "kl_fraction", "sigma_all") if name == "abmll" else ("outer_nll", "kl_fraction")
+            prior[name]["curve"] = [
+                {"step": st, **{x: mean_interval(p[x] for c in curves for p in c if p["step"] == st) for x in keys}}
+                for st in steps
+            ]
     result["prior_interval"] = prior
+
+
+def sigma_ratio(results: dict[str, Any]) -> dict[str, Any] | None:
+    """ABMLL's entry-weighted mean σθ on the spread family over that on the identical family, per seed (the
+    same seed meta-trains both), with its 95 % t-interval; None unless both families ran ABMLL."""
+    try:
+        spread, identical = results["spread"]["prior"]["abmll"], results["identical"]["prior"]["abmll"]
+    except KeyError:
+        return None
+    per_seed = {s: spread[s]["sigma_all"] / identical[s]["sigma_all"] for s in spread if s in identical}
+    return {"per_seed": per_seed, "interval": mean_interval(per_seed.values())} if per_seed else None
 
 
 def fmt(i: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
@@ -200,12 +279,31 @@ def family_lines(fname: str, result: dict[str, Any], methods: list[str]) -> list
         f"KL(mean teacher ‖ base) on the probe inputs: {cal['kl_mean_teacher_to_base']:.3f} nats.",
         "",
     ]
+    selection = result.get("selection") or {}
     for k, table in result["interval"].items():
-        lines += [f"{k}: mean over tasks, 95 % t-interval over seeds", "", "| method " + HEAD, "|---" * 5 + "|"]
+        chosen = selection.get(k, {})
+        alpha = " test-time α (per seed) |" if chosen else ""
+        lines += [f"{k}: mean over tasks, 95 % t-interval over seeds", "", "| method " + HEAD + alpha,
+                  "|---" * (5 + bool(chosen)) + "|"]  # fmt: skip
         for m in [*methods, *REFERENCES]:
             cells = " | ".join(fmt(table[m][x], *SCALE[x]) if table[m] else "—" for x in METRICS)
+            if chosen:
+                cells += " | " + (", ".join(f"{v['lr']:g}" for v in chosen[m].values()) if m in chosen else "—")
             lines.append(f"| {m if m in methods else f'*{m}* (reference)'} | {cells} |")
         lines.append("")
+        if chosen:
+            grid = list(next(iter(next(iter(chosen.values())).values()))["val_nll"])
+            lines += [
+                f"{k}: mean NLL on the meta-validation tasks at each test-time α (mean over seeds); the "
+                "lowest, per seed, is the α used on the test tasks",
+                "",
+                "| method | " + " | ".join(f"α = {a:g}" for a in grid) + " |",
+                "|---" * (len(grid) + 1) + "|",
+            ]
+            for m, by_seed in chosen.items():
+                vals = [sum(v["val_nll"][a] for v in by_seed.values()) / len(by_seed) for a in grid]
+                lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+            lines.append("")
         if result["paired"].get(k):
             lines += [f"{k}: paired differences ABMLL − baseline (same episodes, per seed)", ""]
             lines += ["| baseline " + HEAD, "|---" * 5 + "|"]
@@ -226,6 +324,16 @@ def family_lines(fname: str, result: dict[str, Any], methods: list[str]) -> list
         lines += ["", f"ABMLL's mean σθ per adapted layer (σ_init = {cal['sigma_init']:g}):", "",
                   "| layer | mean σθ |", "|---|---|"]  # fmt: skip
         lines += [f"| `{n}` | {fmt(v, digits=5)} |" for n, v in sigma.items()]
+        lines.append(f"| all entries | {fmt(result['prior_interval']['abmll']['sigma_all'], digits=5)} |")
+    for m, p in result["prior_interval"].items():
+        if p.get("curve"):
+            lines += ["", f"{m} over meta-training (mean over seeds; outer NLL averaged over the steps since the "
+                      "previous row; KL fraction of the model at μθ):", "",
+                      "| meta-step | outer NLL | KL fraction |" + (" mean σθ |" if m == "abmll" else ""),
+                      "|---" * (3 + (m == "abmll")) + "|"]  # fmt: skip
+            for point in p["curve"]:
+                row = f"| {point['step']} | {fmt(point['outer_nll'])} | {fmt(point['kl_fraction'])} |"
+                lines.append(row + (f" {fmt(point['sigma_all'], digits=5)} |" if m == "abmll" else ""))
     return lines + ["", *(f"- note: {note}" for note in result["notes"]), ""]
 
 
@@ -245,23 +353,50 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=256, help="fresh inputs of the prior-recovery figures")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override FIELD=VALUE")
     parser.add_argument("--name", default="", help="a suffix of this run's section and JSON file (a second run)")
+    parser.add_argument(
+        "--family-methods",
+        action="append",
+        default=[],
+        metavar="FAMILY=METHOD,...",
+        help="the methods of one family instead of --methods, e.g. identical=abmll",
+    )
+    parser.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N meta-steps record the outer NLL, the KL fraction at μθ and ABMLL's mean σθ",
+    )
+    parser.add_argument(
+        "--select-test-lr",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="α",
+        help="choose each method's test-time α (per seed and k) among these by the mean NLL on "
+        "meta-validation tasks of the family; the test tasks are then scored at that α",
+    )
+    parser.add_argument("--val-tasks", type=int, default=32, help="meta-validation tasks per family (--select-test-lr)")
     parser.add_argument("--json", type=Path, default=None, help=f"write the results here (--write: {JSON_PATH.name})")
     args = parse_args(parser)
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    args.family_methods = {f: m.split(",") for f, _, m in (x.partition("=") for x in args.family_methods)}
     record = Record()
     config = ABMLLConfig().override(parse_sets(args.sets))
     results = {}
     for fname in args.families:
         results[fname] = run_family(fname, args, config, lambda msg: print(msg, file=sys.stderr, flush=True))
-        summarise(results[fname], args.methods)
+        summarise(results[fname], results[fname]["methods"])
     record.stop()
     run = {
         "families": args.families, "methods": args.methods, "steps": args.steps, "train_tasks": args.train_tasks,
         "train_examples": config.meta.support_size + config.meta.query_size + args.train_extra,
         "test_tasks": args.test_tasks, "shots": args.shots, "query": args.query, "seeds": args.seeds,
         "family_seed": args.family_seed, "probe": args.probe, "overrides": parse_sets(args.sets),
+        "family_methods": args.family_methods, "curve": args.curve, "select_test_lr": args.select_test_lr,
+        "val_tasks": args.val_tasks if args.select_test_lr else 0,
     }  # fmt: skip
     inner, lora = config.inner, config.lora
     lines = [
@@ -281,8 +416,21 @@ def main() -> None:
         "also seeds θ's initialisation, the meta-batches and ε",
         "",
     ]
+    if args.select_test_lr:
+        lines[-1:-1] = [
+            f"- test-time α of each method, seed and k: the one of {args.select_test_lr} with the lowest "
+            f"mean NLL on {args.val_tasks} meta-validation tasks of the family (their own teachers, "
+            "disjoint from the training and test tasks; episodes drawn like the test tasks')"
+        ]
     for fname, result in results.items():
-        lines += family_lines(fname, result, args.methods)
+        lines += family_lines(fname, result, result["methods"])
+    ratio = sigma_ratio(results)
+    if ratio is not None:
+        results["sigma_ratio"] = ratio
+        per = ", ".join(f"{v:.2f}" for v in ratio["per_seed"].values())
+        lines += ["### σθ: spread family against identical family", "",
+                  f"ABMLL's entry-weighted mean σθ on the spread family / on the identical family, per seed ({per}): "
+                  f"{fmt(ratio['interval'], digits=2)} (95 % t-interval over seeds).", ""]  # fmt: skip
     # One section (and JSON file) per set of families, so that the families can run as separate processes.
     suffix = "" if args.families == list(FAMILIES) else "_" + "_".join(args.families)
     suffix += f"_{args.name}" if args.name else ""
