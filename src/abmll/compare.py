@@ -19,6 +19,9 @@ diagram per method, the training curves and, last, ``OUT/results.json`` with ``m
 results), ``paired`` (ABMLL minus each baseline per task), ``paired_mean`` (the same for the macro-average),
 ``demonstrations`` (how many support examples fit in the prompt, for methods that use them) and
 ``timings_s`` (seconds per cell).
+
+About 440 lines on purpose: the cells, their resumption and the checks that a kept or shared cell was run as
+this comparison would run it belong together; the report is :mod:`abmll.comparison_report`.
 """
 
 from __future__ import annotations

@@ -408,11 +408,11 @@ def _run(
     every = config.meta.validate_every if validation else None
     stopping = EarlyStopping.from_log(log_path, config.meta.patience) if every else None
 
-    def validate(record: dict[str, Any]) -> None:
+    def validate(step_log: StepLog) -> None:
         """Meta-validation after this step (every rank: under FSDP each forward pass needs all of them)."""
         nll = mean_query_nll(method, validation)
         improved = stopping.update(method.step, nll)
-        record["validation"] = {
+        step_log.validation = {
             "dev_nll": nll if math.isfinite(nll) else None,
             "best_step": stopping.best_step,
             "best_dev_nll": stopping.best_nll if math.isfinite(stopping.best_nll) else None,
@@ -430,10 +430,10 @@ def _run(
         return path
 
     def on_step(step_log: StepLog) -> None:
-        record = step_log.to_dict()
         due = method.step % config.meta.checkpoint_every == 0 and method.step < total
         if every and (method.step % every == 0 or method.step == total):
-            validate(record)
+            validate(step_log)
+        record = step_log.to_dict()
         if not main:
             return
         with open(log_path, "a", encoding="utf-8") as fh:

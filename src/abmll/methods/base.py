@@ -49,6 +49,9 @@ class StepLog:
     grad_norm: float = 0.0  # norm of θ's gradient before clipping (Reptile: ‖θ − mean φᴷ‖)
     world_size: int = 1  # processes that shared the meta-batch
     skipped_steps: int = 0  # meta-steps skipped so far for a non-finite loss (meta.nonfinite = "skip")
+    #: At the steps that validate (``meta.validate_every``, :mod:`abmll.validation`): ``{"dev_nll", "best_step",
+    #: "best_dev_nll", "sigma_theta"}``, set by the run after the step.
+    validation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
