@@ -113,3 +113,28 @@ def test_a_comparison_validates_on_its_dev_tasks_and_draws_the_curves(tmp_path, 
     (fig,) = [f for p, f in drawn if p.endswith("training-curves.png")]
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert "meta-validation NLL" in titles and "mean σθ (at validations)" in titles and "outer NLL (query)" in titles
+
+
+def test_a_diverged_test_time_adaptation_is_one_clear_error_and_an_infinite_validation_loss(toy_examples):
+    from conftest import make_config
+
+    from abmll.errors import NonFiniteError
+    from abmll.evaluation import evaluate
+    from abmll.methods import create_method
+    from abmll.scoring import Scorer
+    from abmll.tasks.data import Episode
+    from abmll.tiny import tiny_llama
+    from abmll.validation import mean_query_nll
+
+    config = make_config(**{"inner.test_inner_lr": 1e12, "inner.test_inner_steps": 3})
+    model, tok = tiny_llama(seed=0)
+    method = create_method("abmll", model, Scorer(tok, config.scoring), config)
+    with torch.no_grad():
+        for key, p in method.theta.items():  # B_μ off 0, so the inner steps move every factor
+            if key.endswith("mu_B"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    episodes = {"toy": [Episode("toy", toy_examples[:4], toy_examples[4:], seed=100)]}
+    with pytest.raises(NonFiniteError, match=r"task 'toy' seed 100: the predicted probabilities are not finite .* "
+                       r"α = 1000000000000.0\); lower inner.test_inner_lr"):  # fmt: skip
+        evaluate(method, episodes)
+    assert mean_query_nll(method, episodes) == math.inf

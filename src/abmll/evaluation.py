@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from abmll.checkpoint import read_json_object, versions, write_json_atomic, write_text_atomic
-from abmll.errors import ConfigError, DataError
+from abmll.errors import ConfigError, DataError, NonFiniteError
 from abmll.methods.base import Method
 from abmll.metrics import macro_average, mean_interval, reliability_bins, task_metrics
 from abmll.tasks.data import Episode, Example, Task, disjoint_queries, example_key, sample_support
@@ -209,6 +209,8 @@ def evaluate(
             else:
                 method.task = name
                 probs = method.predict(method.adapt(ep.support, ep.seed), ep.query, ep.seed)
+                if not torch.isfinite(probs).all():
+                    raise NonFiniteError(_diverged(method, name, ep.seed))
                 rows = [
                     {"task": name, "seed": ep.seed, "id": ex.id, "gold": ex.gold, "probs": row[: len(ex.options)]}
                     for ex, row in zip(ep.query, probs.tolist(), strict=True)
@@ -220,6 +222,16 @@ def evaluate(
             if progress is not None:
                 progress(what, count, total)
     return predictions
+
+
+def _diverged(method: Method, task: str, seed: int) -> str:
+    inner = method.config.inner
+    alpha = inner.inner_lr if inner.test_inner_lr is None else inner.test_inner_lr
+    return (
+        f"{method.name}: task '{task}' seed {seed}: the predicted probabilities are not finite (the test-time "
+        f"adaptation diverged: K_test = {inner.test_inner_steps} steps at α = {alpha}); lower inner.test_inner_lr "
+        "(or inner.sigma_lr), or choose it on meta-validation tasks with abmll tune"
+    )
 
 
 class PartialResults:

@@ -39,7 +39,7 @@ from typing import Any
 from abmll.assets import portable_path
 from abmll.checkpoint import read_json_object, versions, write_json_atomic
 from abmll.config import ABMLLConfig
-from abmll.errors import ConfigError
+from abmll.errors import ConfigError, NonFiniteError
 from abmll.methods import METHODS, get_method, method_config
 from abmll.progress import Reporter
 from abmll.validation import dev_episodes
@@ -279,7 +279,10 @@ def objective(tuning: Tuning, method: str, config: ABMLLConfig, train: list, epi
             method_obj.meta_train(
                 MetaBatchSampler(train, meta.support_size, meta.query_size, meta.meta_batch_size, seed=config.seed)
             )
-        rows = evaluate(method_obj, episodes)
+        try:
+            rows = evaluate(method_obj, episodes)
+        except NonFiniteError:  # a test-time adaptation diverged: the trial scores nothing
+            rows = [{"probs": [math.nan]}]
     finally:  # the next trial loads its own model
         del method_obj
         gc.collect()
@@ -376,7 +379,6 @@ def _tune_method(tuning: Tuning, method: str, storage: Any, episodes: dict, trai
     import optuna
     from optuna.trial import TrialState
 
-    from abmll.errors import NonFiniteError
 
     study = optuna.create_study(study_name=method, storage=storage, direction="minimize", load_if_exists=True)
     if "setup" not in study.user_attrs:

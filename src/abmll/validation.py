@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from abmll.errors import NonFiniteError
 from abmll.evaluation import evaluate, load_episodes
 from abmll.methods.base import Method
 from abmll.metrics import gold_nll
@@ -63,8 +64,9 @@ def episode_nll(rows: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
 def mean_query_nll(method: Method, episodes: dict[str, list[Episode]]) -> float:
     """The meta-validation loss: the mean over episodes of the mean query NLL after adapting to each support set
     (``inf`` when a prediction is not finite, e.g. a diverged adaptation)."""
-    rows = evaluate(method, episodes)
-    if not all(math.isfinite(p) for row in rows for p in row["probs"]):
+    try:
+        rows = evaluate(method, episodes)
+    except NonFiniteError:
         return math.inf
     values = list(episode_nll(rows).values())
     return sum(values) / len(values)
