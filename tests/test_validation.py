@@ -138,3 +138,24 @@ def test_a_diverged_test_time_adaptation_is_one_clear_error_and_an_infinite_vali
                        r"α = 1000000000000.0\); lower inner.test_inner_lr"):  # fmt: skip
         evaluate(method, episodes)
     assert mean_query_nll(method, episodes) == math.inf
+
+
+def test_the_comparison_reports_each_tasks_posterior_kl_against_its_gain_over_zero_shot(tmp_path):
+    from conftest import comparison_folder
+
+    root = comparison_folder(tmp_path)
+    ok(invoke("compare", "--methods", "zero-shot,structured-lora,abmll", "--preset", "smoke", "--model",
+              root / "tiny", "--data", root / "data", "--setting", root / "setting.json", "--config",
+              root / "fast.json", "--k", 4, "--out", tmp_path / "cmp", "--device", "cpu"))  # fmt: skip
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert list(results["coverage"]) == ["abmll"]  # the deterministic methods have no posterior
+    (row,) = results["coverage"]["abmll"]
+    tasks = results["methods"]
+    assert row["task"] == "unseen" and row["posterior_kl"] > 0
+    gain = tasks["abmll"]["tasks"]["unseen"]["accuracy"] - tasks["zero-shot"]["tasks"]["unseen"]["accuracy"]
+    assert row["accuracy_gain"] == pytest.approx(gain)
+    assert "## Coverage" in (tmp_path / "cmp" / "report.md").read_text()
+    assert (tmp_path / "cmp" / "coverage.png").is_file()
+    lines = (tmp_path / "cmp" / "abmll" / "seed-100" / "predictions.jsonl").read_text().splitlines()
+    cell = [json.loads(line) for line in lines]
+    assert {r["posterior_kl"] for r in cell} == {row["posterior_kl"]}  # one seed: the task's KL

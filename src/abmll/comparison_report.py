@@ -25,7 +25,7 @@ from abmll.evaluation import (
 )
 from abmll.methods import METHODS, method_overrides
 from abmll.metrics import mean_interval
-from abmll.report import comparison_table, reliability_diagram, training_curves
+from abmll.report import comparison_table, coverage_plot, reliability_diagram, training_curves
 from abmll.scoring import Scorer
 
 logger = logging.getLogger("abmll.compare")
@@ -81,6 +81,9 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         logs[method_name] = sorted(out.glob(f"{method_name}/seed-*/train/log.jsonl"))
     training_curves(logs, out / "training-curves.png")
     paired, paired_mean = paired_differences(results), paired_mean_differences(results)
+    covered = coverage(results)
+    if covered:
+        coverage_plot(covered, out / "coverage.png")
     demonstrations: dict[str, dict[str, float]] = {}
     if any(METHODS[m].demonstrates for m in results):
         try:
@@ -88,7 +91,7 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         except AbmllError as exc:  # a diagnostic: never lose the report for it
             logger.warning("demonstrations per prompt not counted: %s", exc)
     (out / "report.md").write_text(
-        _report_markdown(comparison, results, timings, paired, paired_mean, demonstrations)
+        _report_markdown(comparison, results, timings, paired, paired_mean, demonstrations, covered)
     )
     full = {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -98,10 +101,48 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         "paired": paired,
         "paired_mean": paired_mean,
         "demonstrations": demonstrations,
+        "coverage": covered,
         "timings_s": timings,
     }
     write_json_atomic(out / "results.json", full)
     return full
+
+
+def coverage(results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per Bayesian method, each test task's KL(q_φ ‖ p_θ) after adaptation (how far its posterior moved from the
+    prior, mean over seeds) and its accuracy gain over zero-shot (None without a zero-shot cell)."""
+    base = results.get("zero-shot", {}).get("tasks", {})
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, res in results.items():
+        rows = [
+            {
+                "task": task,
+                "posterior_kl": row["posterior_kl"],
+                "accuracy_gain": row["accuracy"] - base[task]["accuracy"] if task in base else None,
+            }
+            for task, row in res["tasks"].items()
+            if row.get("posterior_kl") is not None
+        ]
+        if rows:
+            out[name] = rows
+    return out
+
+
+def _coverage_markdown(covered: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = [
+        "## Coverage: how far each task's posterior moved from the prior",
+        "",
+        "KL(q_φ ‖ p_θ) after adapting to the task's support set (mean over seeds), against the accuracy gain over "
+        "zero-shot. ![coverage](coverage.png)",
+        "",
+        "| method | task | KL(q_φ ‖ p_θ) | accuracy − zero-shot |",
+        "|---|---|---|---|",
+    ]
+    for name, rows in covered.items():
+        for r in rows:
+            gain = "—" if r["accuracy_gain"] is None else f"{r['accuracy_gain']:+.3f}"
+            lines.append(f"| {name} | {r['task']} | {r['posterior_kl']:.3g} | {gain} |")
+    return [*lines, ""]
 
 
 def _cells_query_sets(comparison: Comparison, out: Path) -> dict[str, Any]:
@@ -204,6 +245,7 @@ def _report_markdown(
     paired: dict[str, Any],
     paired_mean: dict[str, Any],
     demonstrations: dict[str, dict[str, float]],
+    covered: dict[str, list[dict[str, Any]]] | None = None,
 ) -> str:
     model = comparison.model or "smollm2-135m"
     lines = [
@@ -247,6 +289,8 @@ def _report_markdown(
         ]
     if paired:
         lines += ["## Paired differences", "", _paired_markdown(paired, paired_mean), ""]
+    if covered:
+        lines += _coverage_markdown(covered)
     for name, res in results.items():
         lines += [f"## {name}", "", results_markdown(res), f"![reliability](reliability-{name}.png)", ""]
     lines += [

@@ -208,11 +208,14 @@ def evaluate(
                 what += " (kept)"
             else:
                 method.task = name
-                probs = method.predict(method.adapt(ep.support, ep.seed), ep.query, ep.seed)
+                adapted = method.adapt(ep.support, ep.seed)
+                probs = method.predict(adapted, ep.query, ep.seed)
                 if not torch.isfinite(probs).all():
                     raise NonFiniteError(_diverged(method, name, ep.seed))
+                kl = method.posterior_kl(adapted)
                 rows = [
                     {"task": name, "seed": ep.seed, "id": ex.id, "gold": ex.gold, "probs": row[: len(ex.options)]}
+                    | ({} if kl is None else {"posterior_kl": kl})
                     for ex, row in zip(ep.query, probs.tolist(), strict=True)
                 ]
                 if on_cell is not None:
@@ -315,6 +318,9 @@ def summarise(predictions: list[dict[str, Any]]) -> dict[str, Any]:
             key: mean_interval([r[key] for r in per_seed]) for key in SCALARS if summary[key] is not None
         }
         summary["per_seed"] = per_seed
+        kls = [rows[0]["posterior_kl"] for rows in seeds.values() if "posterior_kl" in rows[0]]
+        if kls:  # how far the task's posterior moved from the prior, mean over seeds (a Bayesian method)
+            summary["posterior_kl"] = sum(kls) / len(kls)
         tasks[name] = summary
     mean = macro_average([{k: v for k, v in t.items() if k in SCALARS or k == "n"} for t in tasks.values()])
     seed_means = [macro_average(rows) for rows in per_seed_by_seed.values()]

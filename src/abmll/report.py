@@ -93,6 +93,27 @@ def training_curves(logs: dict[str, list[Path]], path: str | Path) -> Path | Non
     return Path(path)
 
 
+def coverage_plot(covered: dict[str, list[dict[str, Any]]], path: str | Path) -> Path:
+    """Each test task as a point: KL(q_φ ‖ p_θ) after adaptation against the accuracy gain over zero-shot (0 where
+    there is no zero-shot cell), one colour per Bayesian method, tasks labelled."""
+    fig = Figure(figsize=(5.2, 3.8))
+    ax = fig.subplots()
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for colour, (name, rows) in zip(colours, covered.items(), strict=False):
+        xs = [r["posterior_kl"] for r in rows]
+        ys = [r["accuracy_gain"] or 0.0 for r in rows]
+        ax.scatter(xs, ys, color=colour, label=name, s=18)
+        for r, x, y in zip(rows, xs, ys, strict=True):
+            ax.annotate(r["task"], (x, y), fontsize=6, alpha=0.8)
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set(xlabel="KL(q_φ ‖ p_θ) after adaptation", ylabel="accuracy − zero-shot", title="Coverage per test task")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
 def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     """Per task and mean: accuracy and ECE (%) of every method side by side (± 95 % interval over seeds)."""
     methods = list(results)

@@ -130,6 +130,11 @@ class Method(ABC):
     def predict(self, adapted: Any, query: Sequence[Example], seed: int) -> torch.Tensor:
         """Option probabilities ``[len(query), n_options]`` (rows sum to 1)."""
 
+    def posterior_kl(self, adapted: Any) -> float | None:
+        """KL(q_φ ‖ p_θ) of a task's adapted state (eq. 5): how far the task moved the posterior from the prior;
+        None for a method without a Bayesian posterior."""
+        return None
+
     def finite_or_skip(self, loss: float, grad_norm: float) -> bool:
         """The NaN/Inf guard, called before each optimiser step: True when ``loss`` and ``grad_norm`` are
         finite. Otherwise raise :class:`NonFiniteError` (``meta.nonfinite = "stop"``, θ untouched), or count

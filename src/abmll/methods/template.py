@@ -40,6 +40,7 @@ from abmll.errors import CheckpointError, ConfigError
 from abmll.inner import Factors, adapt, chunks, derive_seed, straight_through
 from abmll.methods.base import LogFn, MetaBatches, Method, StepLog
 from abmll.models import eval_mode
+from abmll.objectives import kl_divergence
 from abmll.tasks.data import Example
 
 #: Tags that keep the seed streams of the different uses of ε apart.
@@ -310,6 +311,14 @@ class MetaLearner(Method):
                     for i, chunk in enumerate(parts):
                         probs[i] = probs[i] + torch.softmax(self.scorer(self.model, chunk), dim=-1)
         return torch.cat([p / len(seeds) for p in probs]).cpu()
+
+    @torch.no_grad()
+    def posterior_kl(self, adapted: Any) -> float | None:
+        """KL(q_φᴷ ‖ p_θ) of a task posterior (eq. 5), for a Bayesian method."""
+        phi = getattr(adapted, "phi", adapted)  # abmll-icl keeps φ with its demonstrations
+        if not self.bayesian or not isinstance(phi, dict):
+            return None
+        return float(kl_divergence(phi, {k: v.detach() for k, v in self.theta.items()}, self.layers))
 
     # --- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
