@@ -381,10 +381,19 @@ class ScoringConfig:
             "within float rounding); false: one whole sequence per option."
         },
     )
+    trunk_cache_mb: int = field(
+        default=1024,
+        metadata={
+            "help": "With adapters on the top blocks only (lora.layers): RAM in MiB for the hidden states entering "
+            "the lowest adapted block, computed once per prompt and option and reused by every later pass "
+            "(same scores within float rounding, whatever the cache holds); 0: run the frozen blocks every time."
+        },
+    )
 
     def __post_init__(self) -> None:
         check(self.scorer in SCORERS, "scoring.scorer", self.scorer, f"one of {SCORERS}")
         check(isinstance(self.shared_prefix, bool), "scoring.shared_prefix", self.shared_prefix, "true or false")
+        check(is_int(self.trunk_cache_mb, 0), "scoring.trunk_cache_mb", self.trunk_cache_mb, "an integer ≥ 0")
         check(
             self.length_norm in LENGTH_NORMS,
             "scoring.length_norm",

@@ -41,6 +41,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from abmll.config import ScoringConfig
 from abmll.errors import ConfigError
 from abmll.tasks.data import Example
+from abmll.trunk import TrunkCache, lowest_adapted
 
 LETTERS = string.ascii_uppercase
 #: Prompt tokens that every row of a batch must share for the shared-prefix path to give them a pass of their own.
@@ -96,13 +97,19 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 class _Pass:
     """The keys and values one decoder pass added, per layer ``[rows, heads, length, head_dim]``, and its mask."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
     mask: torch.Tensor  # [rows, length]
+    trunk: int | None = None  # L when the blocks below L were not run (no keys and values there)
 
     def crop(self, length: int) -> _Pass:
-        keys = [k[..., :length, :] for k in self.keys]
-        return _Pass(keys, [v[..., :length, :] for v in self.values], self.mask[:, :length])
+        keys = [None if k is None else k[..., :length, :] for k in self.keys]
+        values = [None if v is None else v[..., :length, :] for v in self.values]
+        return _Pass(keys, values, self.mask[:, :length], self.trunk)
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[-1]
 
 
 @dataclass
@@ -115,12 +122,13 @@ class _Kept:
 
 class _PrefixedLayer(DynamicLayer):
     """One decoder layer's keys and values for a pass that continues earlier ones: theirs (each expanded to
-    this pass's rows: its one row shared, or the rows of ``rows``), then this pass's own, which alone it keeps."""
+    this pass's rows: its one row shared, or the rows of ``rows``), then this pass's own, which alone it keeps.
+    A block that the frozen-trunk cache stands in for has no keys and values; only its length is read."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], past_length: int) -> None:
         super().__init__()
         self.past = past
-        self.past_length = sum(k.shape[-2] for k, _, _ in past)
+        self.past_length = past_length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.keys, self.values, self.is_initialized = key_states, value_states, True
@@ -198,6 +206,8 @@ class Scorer:
         self.prefix_id = self.pad_id if prefix is None else int(prefix)  # context of an empty prompt
         self._label_ids: dict[int, list[int]] = {}
         self._kept: _Kept | None = None  # the prefix kept by reuse_prefix
+        megabytes = self.config.trunk_cache_mb
+        self.trunk = TrunkCache(megabytes * 2**20) if megabytes > 0 else None
 
     # --- encoding ------------------------------------------------------------------------------------
     def _context_ids(self, text: str) -> list[int]:
@@ -363,18 +373,36 @@ class Scorer:
             last[i] = offset + len(seq) - 1
         return ids.to(device), mask.to(device), last.to(device)
 
-    def _forward(self, decoder: nn.Module, seqs: Sequence[list[int]], past: list[tuple[_Pass, torch.Tensor | None]]):
+    def _forward(
+        self,
+        decoder: nn.Module,
+        seqs: Sequence[list[int]],
+        past: list[tuple[_Pass, torch.Tensor | None]],
+        trunk: tuple[int, list[torch.Tensor]] | None = None,
+    ):
         """The decoder on ``seqs`` continuing the earlier passes ``past`` (each with the row of that pass that
         every new row continues, or None when that pass has one row, shared by all): the last hidden states,
         this pass's keys and values, and each row's last real index. Position ids continue each row's real
-        tokens, so padding (here or in ``past``) changes nothing."""
+        tokens, so padding (here or in ``past``) changes nothing. ``trunk`` = (L, each row's hidden states
+        entering block L): the blocks below L are not run (:mod:`abmll.trunk`)."""
         device = next(decoder.parameters()).device
         ids, mask, last = self._pad(seqs, device)
+        if trunk is not None:
+            lowest, below = trunk
+            hidden = below[0].new_zeros((len(seqs), ids.shape[1], below[0].shape[-1]))
+            for i, h in enumerate(below):
+                offset = ids.shape[1] - h.shape[0] if self.padding_side == "left" else 0
+                hidden[i, offset : offset + h.shape[0]] = h
+            with TrunkCache.replay(decoder, lowest, hidden):
+                hidden, this, last = self._forward(decoder, seqs, past)
+            this.trunk = lowest
+            return hidden, this, last
         n = ids.shape[0]
         masks = [p.mask.expand(n, -1) if rows is None else p.mask[rows] for p, rows in past]
         before = sum((m.sum(-1) for m in masks), torch.zeros(n, dtype=torch.long, device=device))
+        past_length = sum(p.length for p, _ in past)
         layers = [
-            _PrefixedLayer([(p.keys[i], p.values[i], rows) for p, rows in past])
+            _PrefixedLayer([(p.keys[i], p.values[i], rows) for p, rows in past], past_length)
             for i in range(decoder.config.num_hidden_layers)
         ]
         cache = Cache(layers=layers)
@@ -387,25 +415,32 @@ class Scorer:
         ).last_hidden_state
         return hidden, _Pass([la.keys for la in layers], [la.values for la in layers], mask), last
 
-    def _batch_prefix(self, decoder: nn.Module, contexts: list[list[int]]) -> tuple[list, int]:
+    def _batch_prefix(
+        self, decoder: nn.Module, contexts: list[list[int]], lowest: int | None
+    ) -> tuple[list, int, list[int] | None]:
         """The pass of the prompt tokens shared by every row of the batch (all but each prompt's last), when
         there are at least ``SHARED_MIN`` of them or when a kept one (:meth:`reuse_prefix`) covers that many;
-        and its length (0: none)."""
+        its length (0: none); and the kept prefix's tokens when the pass is a crop of it. ``lowest``: the trunk
+        cache's L (None: no trunk cache)."""
         first = contexts[0]
         shared = min(len(c) for c in contexts) - 1
         for c in contexts[1:]:
             shared = min(shared, _common(first, c))
         kept = self._kept if self._kept is not None and not torch.is_grad_enabled() else None
-        if kept is not None and kept.prefix is not None:
+        if kept is not None and kept.prefix is not None and kept.prefix.trunk == lowest:
             common = _common(kept.ids, first[:shared])
             if common >= SHARED_MIN:
-                return [(kept.prefix.crop(common), None)], common
+                return [(kept.prefix.crop(common), None)], common, kept.ids
         if shared < SHARED_MIN:
-            return [], 0
-        _, prefix, _ = self._forward(decoder, [first[:shared]], [])
+            return [], 0, None
+        below = None
+        if lowest is not None:
+            path = (tuple(first[:shared]),)
+            below = (lowest, self.trunk.hidden(decoder, lowest, [path], self._forward, frozenset([path])))
+        _, prefix, _ = self._forward(decoder, [first[:shared]], [], below)
         if kept is not None:
             kept.ids, kept.prefix = first[:shared], prefix
-        return [(prefix, None)], shared
+        return [(prefix, None)], shared, None
 
     def _shared(self, model: nn.Module, examples: Sequence[Example]) -> torch.Tensor:
         """The scores of :meth:`__call__` with each distinct prompt encoded once: a pass over the prompt prefix
@@ -419,8 +454,23 @@ class Scorer:
         for row in rows:
             if index.setdefault(tuple(row.context), len(contexts)) == len(contexts):
                 contexts.append(row.context)
-        past, start = self._batch_prefix(decoder, contexts)
-        hidden, prompts, last = self._forward(decoder, [c[start:] for c in contexts], past)
+        lowest = lowest_adapted(decoder) if self.trunk is not None else None
+        past, start, kept = self._batch_prefix(decoder, contexts, lowest)
+        longer = [i for i, row in enumerate(rows) if len(row.option_ids) > 1]
+        prompt_trunk = option_trunk = None
+        if lowest is not None:  # each prompt's and continuation's path of segments (abmll.trunk)
+            prefix = (tuple(contexts[0][:start]),) if start else ()
+            paths = [(*prefix, tuple(c[start:])) for c in contexts]
+            paths += [(*paths[index[tuple(rows[i].context)]], tuple(rows[i].option_ids[:-1])) for i in longer]
+            given = None
+            if kept is not None and len(kept) > start:  # ICL across calls: the kept prefix's trunk, cropped
+                trunk = self.trunk.prefix_pass((tuple(kept),))
+                given = {prefix: trunk.crop(start)} if trunk is not None else None
+            below = self.trunk.hidden(
+                decoder, lowest, paths, self._forward, frozenset([prefix] if prefix else []), given
+            )
+            prompt_trunk, option_trunk = (lowest, below[: len(contexts)]), (lowest, below[len(contexts) :])
+        hidden, prompts, last = self._forward(decoder, [c[start:] for c in contexts], past, prompt_trunk)
         logits = _logits(model, head, hidden[torch.arange(len(contexts), device=hidden.device), last])
         device = logits.device
         width = max(len(ex.options) for ex in examples)
@@ -433,11 +483,10 @@ class Scorer:
             return out
         first = torch.tensor([row.option_ids[0] for row in rows], device=device)
         per_row = torch.log_softmax(logits, dim=-1)[of_row, first]
-        longer = [i for i, row in enumerate(rows) if len(row.option_ids) > 1]
         if longer:
             at = torch.tensor(longer, device=device)
             hidden, _, _ = self._forward(
-                decoder, [rows[i].option_ids[:-1] for i in longer], [*past, (prompts, of_row[at])]
+                decoder, [rows[i].option_ids[:-1] for i in longer], [*past, (prompts, of_row[at])], option_trunk
             )
             targets, mask, _ = self._pad([rows[i].option_ids[1:] for i in longer], device)
             read = mask.bool()

@@ -86,8 +86,8 @@ def tiny_tokenizer() -> Any:
     )
 
 
-def tiny_llama(vocab_size: int | None = None, seed: int = 0) -> tuple[Any, Any]:
-    """A tiny random ``LlamaForCausalLM`` (2 layers, hidden 64, 4 heads, 2 KV heads, intermediate 128,
+def tiny_llama(vocab_size: int | None = None, seed: int = 0, layers: int = 2) -> tuple[Any, Any]:
+    """A tiny random ``LlamaForCausalLM`` (``layers`` decoder blocks, hidden 64, 4 heads, 2 KV heads, intermediate 128,
     tied embeddings) and its in-memory tokenizer (:func:`tiny_tokenizer`), in eval mode.
 
     ``vocab_size`` defaults to the tokenizer's size; a larger value pads the embedding. The weights depend
@@ -107,7 +107,7 @@ def tiny_llama(vocab_size: int | None = None, seed: int = 0) -> tuple[Any, Any]:
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
