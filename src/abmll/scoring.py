@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from abmll.bayes.inject import one_noise
 from abmll.config import ScoringConfig
 from abmll.errors import ConfigError
 from abmll.tasks.data import Example
@@ -328,7 +329,8 @@ class Scorer:
         """Option log-probabilities ``[len(examples), n_options]`` (unnormalised over options for the
         option scorer; -inf where an example has fewer options)."""
         if self.config.shared_prefix and _can_share(model):
-            return self._shared(model, examples)
+            with one_noise(model):  # σ ⊙ ε formed once for the call's two or three passes
+                return self._shared(model, examples)
         enc = self.encode(examples)
         logits = self._read_logits(model, enc)
         device = logits.device

@@ -198,6 +198,24 @@ def weight_sample(model: nn.Module, seed: int | None) -> Iterator[None]:
 
 
 @contextmanager
+def one_noise(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside share each Bayesian layer's σ ⊙ ε (one weight sample, one posterior): the passes of
+    one scorer call (prompt prefix, prompts, options) form it once instead of once each; gradients flow to σ's
+    factors through the shared tensor. Dropped on exit."""
+    layers = [layer for layer in bayes_layers(model).values() if isinstance(layer, BayesLoRALinear)]
+    previous = [layer.keep_noise for layer in layers]
+    try:
+        for layer in layers:
+            layer.keep_noise = True
+        yield
+    finally:
+        for layer, old in zip(layers, previous, strict=True):
+            layer.keep_noise = old
+            if not old:
+                layer.release_noise()
+
+
+@contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Forward passes inside use the base model alone (ΔW = 0)."""
     layers = list(bayes_layers(model).values())
@@ -224,6 +242,7 @@ __all__ = [
     "group_by_layer",
     "inject",
     "is_bayesian",
+    "one_noise",
     "posterior",
     "prior",
     "top_blocks",

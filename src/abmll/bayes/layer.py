@@ -95,6 +95,9 @@ class LoRALinear(nn.Module):
         #: equal within float rounding). Only for an ``nn.Linear`` base layer; ``compute.merge_without_grad`` sets it.
         self.merge = True
         self._merged: tuple[tuple, torch.Tensor] | None = None
+        #: Inside :func:`abmll.bayes.inject.one_noise` (a scorer call's passes), σ ⊙ ε is formed once and reused.
+        self.keep_noise = False
+        self._noise: tuple[tuple, torch.Tensor] | None = None
 
     def add_factors(self) -> None:
         """Create θ's parameters (:attr:`factor_names`): always float32, whatever the base layer's dtype."""
@@ -129,8 +132,9 @@ class LoRALinear(nn.Module):
         return self.scaling * ((h @ factors["mu_A"].T.to(dtype)) @ factors["mu_B"].T.to(dtype))
 
     def clear_merged(self) -> None:
-        """Drop the merged weight W0 + ΔW (of a Bayesian layer), if one is held."""
+        """Drop the merged weight W0 + ΔW and the kept σ ⊙ ε (of a Bayesian layer), if held."""
         self._merged = None
+        self._noise = None
 
     def merges(self) -> bool:
         """Whether this forward runs one product with W0 + ΔW: never for a deterministic layer, whose low-rank
@@ -238,12 +242,26 @@ class BayesLoRALinear(LoRALinear):
             self._merged = (key, (weight.float() + delta).to(weight.dtype))
         return self._merged[1]
 
+    def scaled_noise(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """σ ⊙ ε of the weight sample ``noise_seed`` (eq. 3), dense; with ``keep_noise``, formed once and reused
+        while the factors (and their values), the sample and the gradient mode stay the same."""
+        if not self.keep_noise:
+            return self.sigma(factors) * self.noise(self.noise_seed, factors["mu_A"].device)
+        key = (self.noise_seed, torch.is_grad_enabled(), *((id(t), t._version) for t in factors.values()))
+        if self._noise is None or self._noise[0] != key:
+            self._noise = None  # free the old one first
+            self._noise = (key, self.sigma(factors) * self.noise(self.noise_seed, factors["mu_A"].device))
+        return self._noise[1]
+
+    def release_noise(self) -> None:
+        """Drop the kept σ ⊙ ε (autograd keeps what a backward pass still needs)."""
+        self._noise = None
+
     def update(self, h: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         """x ΔWᵀ: the low-rank mean path, plus x (σ ⊙ ε)ᵀ under a weight sample (``noise_seed`` set)."""
         out = super().update(h, factors)
         if self.noise_seed is not None:
-            noise = self.sigma(factors) * self.noise(self.noise_seed, factors["mu_A"].device)
-            out = out + h @ noise.T.to(h.dtype)
+            out = out + h @ self.scaled_noise(factors).T.to(h.dtype)
         return out
 
     def extra_repr(self) -> str:
