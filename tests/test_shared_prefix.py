@@ -12,7 +12,7 @@ import torch
 from conftest import adapted_tiny, make_config
 from test_scoring import LONG, MIXED, sharp_tiny
 
-from abmll.bayes import prior, weight_sample
+from abmll.bayes import bayes_layers, prior, weight_sample
 from abmll.config import ScoringConfig
 from abmll.methods import create_method
 from abmll.methods.icl import SEPARATOR, demonstration
@@ -203,3 +203,23 @@ def test_icl_warns_naming_the_task_when_demonstrations_are_dropped(toy_examples,
     method = icl_method("icl", "left")  # the default max_length holds all 8
     method.predict(method.adapt(toy_examples[:8], 0), toy_examples[8:], 0)
     assert "demonstrations" not in caplog.text
+
+
+def test_one_weight_sample_noise_per_scorer_call(adapted):
+    """The shared-prefix path runs two or three decoder passes per call (prefix, prompts, options); each Bayesian
+    layer forms σ ⊙ ε once for all of them, and the gradients stay the plain path's (checked above)."""
+    model, tok, config = adapted
+    layers = list(bayes_layers(model).values())
+    drawn = []
+    originals = [layer.noise for layer in layers]
+    for layer, original in zip(layers, originals, strict=True):
+        layer.noise = lambda seed, device, o=original: drawn.append(seed) or o(seed, device)
+    try:
+        scorer = Scorer(tok, config)
+        with weight_sample(model, 7):
+            passes = embedded_lengths(model, lambda: scorer.nll(model, DEMONSTRATED).backward())
+    finally:
+        for layer in layers:
+            del layer.noise
+    assert len(passes) == 3 and len(drawn) == len(layers)
+    assert all(layer._noise is None for layer in layers)  # nothing kept after the call
