@@ -43,13 +43,21 @@ def start_cell(method: str, out: Path, sets: list[str], threads: int) -> subproc
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
 
 
-def wait_cell(child: subprocess.Popen, start: float) -> dict[str, float]:
-    """Wait for a cell; its wall-clock seconds and the CPU seconds (user + system) of its process."""
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit(f"{child.args} failed with exit code {child.returncode}")
-    return {"wall": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime}
+def wait_cells(children: dict[str, subprocess.Popen], start: float) -> dict[str, dict[str, float]]:
+    """Wait for the cells, in the order they end; each one's wall-clock seconds and the CPU seconds (user +
+    system) of its process."""
+    by_pid = {child.pid: name for name, child in children.items()}
+    out = {}
+    while by_pid:
+        pid, status, usage = os.wait4(-1, 0)
+        name = by_pid.pop(pid, None)
+        if name is None:
+            continue
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{children[name].args} failed with exit code {os.waitstatus_to_exitcode(status)}")
+        children[name].returncode = 0
+        out[name] = {"wall": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime}
+    return out
 
 
 def cell_folder(out: Path, method: str) -> Path:
@@ -89,7 +97,7 @@ def main() -> None:
                 variant: start_cell(method, Path(tmp) / f"{method}-{variant}", sets, args.threads)
                 for variant, sets in (("plain", PLAIN), ("fast", []))
             }
-            seconds = {variant: wait_cell(child, start) for variant, child in children.items()}
+            seconds = wait_cells(children, start)
             print(f"{method}: {seconds}", file=sys.stderr)
             diff = differences(cell_folder(Path(tmp) / f"{method}-plain", method),
                                cell_folder(Path(tmp) / f"{method}-fast", method))  # fmt: skip
