@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The study of issue "A study that can tell ABMLL from its baselines": every step resumes where it stopped, so
+# the whole study can be accumulated over several sittings by running this script again.
+#   bash docs/results/study/run.sh tune        # 1. tune every method on the 'dev' tasks (never 'test')
+#   bash docs/results/study/run.sh compare 16  # 2. the tuned comparison at k = 16 (then 4)
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+ABMLL=${ABMLL:-.venv/bin/abmll}
+HERE=docs/results/study
+METHODS=lora,lora-task,structured-lora,reptile,maml,abmll
+# Shared by tuning and comparison: the full preset, adapters on the top 4 of SmolLM2's 30 blocks (with the
+# frozen-trunk cache) and room for 16 ICL demonstrations.
+SHARED=(--preset full --set lora.layers=4 --set scoring.max_length=8192)
+case "${1:-}" in
+  tune)
+    # 8 trials per method, each trial meta-trains 50 meta-steps from scratch and is scored on the 5 'dev' tasks
+    # (3 support-set seeds each); diverged trials count.
+    resume=(); [[ -f $HERE/tune/tune.db ]] && resume=(--resume)
+    "$ABMLL" tune --methods "$METHODS" --trials 8 "${SHARED[@]}" --set meta.meta_steps=50 \
+      --out "$HERE/tune" "${resume[@]}"
+    ;;
+  compare)
+    k=${2:?give k: 4 or 16}
+    # up to 300 meta-steps, stopped early when the 'dev' NLL has not improved for 4 validations 25 steps apart
+    "$ABMLL" compare --methods "zero-shot,icl,$METHODS,abmll-icl" "${SHARED[@]}" --k "$k" \
+      --set meta.meta_steps=300 --set meta.validate_every=25 --set meta.patience=4 \
+      --tuned "$HERE/tune/tuned.json" --out "$HERE/k$k" --resume
+    ;;
+  *) echo "usage: $0 tune | compare K" >&2; exit 2 ;;
+esac
