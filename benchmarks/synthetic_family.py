@@ -3,7 +3,9 @@
 Every task of :mod:`abmll.synthetic` is labelled by a known teacher ΔW_i = M + s ⊙ E_i on the tiny Llama's
 q_proj and v_proj. Two families: ``identical`` (s = 0: one teacher for every task) and ``spread`` (tasks stray
 from the mean teacher W0 + M). For each family and seed, ``abmll`` and ``structured-lora`` are meta-trained on
-the family's meta-training tasks (``lora-task`` learns nothing across tasks and is only evaluated), then each
+the family's meta-training tasks (``--fresh-tasks``: new tasks at every meta-step, no example seen twice;
+``lora-task`` learns nothing across tasks and is only evaluated; ``--methods lora`` adds the pooled LoRA, the
+plainest estimator of the mean teacher: how well the training labels pin it down), then each
 method adapts to every unseen task's k-shot support set (k = 4 and 16, the config's K_test steps for all) and
 predicts its query set. Reported, with 95 % t-intervals across seeds:
 
@@ -47,6 +49,23 @@ JSON_PATH = Path(__file__).with_name("synthetic_family.json")
 METRICS = ("nll", "ece", "accuracy", "kl_task")
 REFERENCES = ("teacher", "mean teacher", "base")
 QUICK = {"steps": 4, "train_tasks": 8, "test_tasks": 6, "seeds": [100, 13], "probe": 64}
+#: The first task index of --fresh-tasks' meta-training tasks: far above every training, test and validation index.
+FRESH = 1_000_000
+
+
+class FreshTasks:
+    """Meta-batches of tasks drawn afresh at every meta-step (``--fresh-tasks``): task ``FRESH + step · T + j``
+    of the family, its examples drawn with the run's seed, so no example is seen twice and a spread family's
+    teachers never repeat. A pure function of (seed, step), like :class:`~abmll.MetaBatchSampler`."""
+
+    def __init__(self, family: SyntheticFamily, support: int, query: int, meta_batch_size: int, seed: int) -> None:
+        self.family, self.support, self.query = family, support, query
+        self.meta_batch_size, self.seed = meta_batch_size, seed
+
+    def meta_batch(self, step: int) -> list:
+        first = FRESH + step * self.meta_batch_size
+        tasks = self.family.tasks(range(first, first + self.meta_batch_size), self.support + self.query, self.seed)
+        return [make_episode(t, self.support, self.seed, query_size=self.query) for t in tasks]
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -104,7 +123,11 @@ def run_family(fname: str, args, config: ABMLLConfig, log) -> dict[str, Any]:
     family = SyntheticFamily.named(fname, seed=args.family_seed)
     meta = config.meta
     methods = args.family_methods.get(fname, args.methods)
-    train = family.tasks(range(args.train_tasks), meta.support_size + meta.query_size + args.train_extra)
+    train = (
+        []
+        if args.fresh_tasks
+        else family.tasks(range(args.train_tasks), meta.support_size + meta.query_size + args.train_extra)
+    )
     test = family.tasks(range(args.train_tasks, args.train_tasks + args.test_tasks), max(args.shots) + args.query)
     # Meta-validation tasks: teachers of their own (indices after the test tasks'), never scored in the tables.
     first_val = args.train_tasks + args.test_tasks
@@ -153,7 +176,8 @@ def run_family(fname: str, args, config: ABMLLConfig, log) -> dict[str, Any]:
                     recent = records[-args.curve :]
                     point = {"step": step}
                     for key in ("outer_nll", "kl", "support_nll_first", "support_nll_last"):
-                        point[key] = sum(r[key] for r in recent) / len(recent)
+                        if all(r[key] is not None for r in recent):  # pooled `lora` has no inner loop
+                            point[key] = sum(r[key] for r in recent) / len(recent)
                     point.update(prior_figures(name, model, scorer, cfg, family, probe, ref))
                     curve.append(point)
                     sigma = f", σθ {point['sigma_all']:.5f}" if "sigma_all" in point else ""
@@ -161,7 +185,11 @@ def run_family(fname: str, args, config: ABMLLConfig, log) -> dict[str, Any]:
                         f"KL fraction {point['kl_fraction']:.3f}{sigma}")  # fmt: skip
 
             if method.meta_learns:
-                sampler = MetaBatchSampler(train, meta.support_size, meta.query_size, meta.meta_batch_size, seed=seed)
+                sampler = (
+                    FreshTasks(family, meta.support_size, meta.query_size, meta.meta_batch_size, seed)
+                    if args.fresh_tasks
+                    else MetaBatchSampler(train, meta.support_size, meta.query_size, meta.meta_batch_size, seed=seed)
+                )
                 try:
                     method.meta_train(sampler, steps=args.steps, log=on_step)
                 except NonFiniteError as exc:  # θ stays as after the last finite step; evaluated as such
@@ -345,6 +373,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="meta-steps of each meta-learned method")
     parser.add_argument("--train-tasks", type=int, default=64, help="meta-training tasks per family")
     parser.add_argument("--train-extra", type=int, default=16, help="examples per meta-training task beyond k + query")
+    parser.add_argument(
+        "--fresh-tasks",
+        action="store_true",
+        help="meta-train on new tasks drawn at every meta-step (no example seen twice) instead of --train-tasks",
+    )
     parser.add_argument("--test-tasks", type=int, default=200, help="unseen tasks per family")
     parser.add_argument("--shots", type=int, nargs="+", default=[4, 16], help="k of the test support sets")
     parser.add_argument("--query", type=int, default=16, help="query examples per unseen task")
@@ -394,7 +427,8 @@ def main() -> None:
         "families": args.families, "methods": args.methods, "steps": args.steps, "train_tasks": args.train_tasks,
         "train_examples": config.meta.support_size + config.meta.query_size + args.train_extra,
         "test_tasks": args.test_tasks, "shots": args.shots, "query": args.query, "seeds": args.seeds,
-        "family_seed": args.family_seed, "probe": args.probe, "overrides": parse_sets(args.sets),
+        "fresh_tasks": args.fresh_tasks, "family_seed": args.family_seed, "probe": args.probe,
+        "overrides": parse_sets(args.sets),
         "family_methods": args.family_methods, "curve": args.curve, "select_test_lr": args.select_test_lr,
         "val_tasks": args.val_tasks if args.select_test_lr else 0,
     }  # fmt: skip
@@ -416,6 +450,12 @@ def main() -> None:
         "also seeds θ's initialisation, the meta-batches and ε",
         "",
     ]
+    if args.fresh_tasks:
+        lines[-1:-1] = [
+            f"- meta-training tasks: {config.meta.meta_batch_size} new tasks at every meta-step (indices from "
+            f"{FRESH:,}; {config.meta.support_size} + {config.meta.query_size} examples each, drawn with the seed), "
+            "so no example is seen twice; `train_tasks` only offsets the test tasks' indices"
+        ]
     if args.select_test_lr:
         lines[-1:-1] = [
             f"- test-time α of each method, seed and k: the one of {args.select_test_lr} with the lowest "
