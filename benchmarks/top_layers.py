@@ -5,11 +5,12 @@ support and a query set of ``--examples`` four-option questions each, from ``sco
 :meth:`MetaLearner.meta_step` with its defaults (first order, K = 5 inner steps, one weight sample); ``lora.layers``
 = every block (null) against ``--top`` (default 4 of 30), the top blocks without and with the frozen-trunk cache
 (``scoring.trunk_cache_mb``). Adapting only the top blocks saves the backward pass through the frozen blocks below
-the lowest adapted one (autograd stops there); the trunk cache also saves their forward pass after the first over
-each example. Two cache variants: "cold", emptied before every meta-step (every example is new to the step, as
-with fresh episodes: the trunk runs once per example per step instead of once per pass), and "warm", the same
-episode again (the trunk never runs: as for examples seen in an earlier step). Timings interleaved (warm-ups of
-each, then ``--reps`` calls of each, order alternating); medians. Run from the repository root::
+the lowest adapted one (autograd stops there); the trunk cache also saves their forward pass in every call after
+the first over the same batch. Two cache variants: "cold", emptied before every meta-step (every example is new to
+the step, as with fresh episodes: the trunk runs in the first pass over the support set and over the query set
+only), and "warm", the same episode again (the trunk never runs: as for batches seen in an earlier step). Timings
+interleaved (warm-ups of each, then ``--reps`` calls of each, order alternating); medians. Run from the repository
+root::
 
     .venv/bin/python benchmarks/top_layers.py --threads 1            # print a Markdown section
     .venv/bin/python benchmarks/top_layers.py --threads 1 --write    # and replace its section in RESULTS.md
@@ -88,8 +89,9 @@ def main() -> None:
         "",
         f"- top {args.top} without the cache: every inner and outer pass runs all {blocks} blocks forward, the "
         f"backward pass stops at the lowest adapted block; with the cache, the {blocks - args.top} blocks below run "
-        "once per prompt and option of the step (cold: the cache emptied before each step) or not at all (warm: the "
-        "episode seen before); the cache gives the uncached scores within float rounding (tests/test_trunk_cache.py)",
+        "in the first pass over the support set and over the query set of the step (cold: the cache emptied before "
+        "each step) or not at all (warm: the episode seen before); the cache gives the uncached scores within float "
+        "rounding (tests/test_trunk_cache.py)",
         "",
     ]
     emit(SECTION, lines, args.write)

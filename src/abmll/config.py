@@ -385,8 +385,8 @@ class ScoringConfig:
         default=1024,
         metadata={
             "help": "With adapters on the top blocks only (lora.layers): RAM in MiB for the hidden states entering "
-            "the lowest adapted block, computed once per prompt and option and reused by every later pass "
-            "(same scores within float rounding, whatever the cache holds); 0: run the frozen blocks every time."
+            "the lowest adapted block, recorded per prompt and option; a call whose prompts and options are all "
+            "recorded runs only the adapted blocks (same scores within float rounding); 0: off."
         },
     )
 

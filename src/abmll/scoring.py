@@ -28,6 +28,7 @@ tokenisation, padding and read positions, and are kept side by side so that they
 from __future__ import annotations
 
 import inspect
+import itertools
 import string
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -119,6 +120,16 @@ class _Kept:
 
     ids: list[int] = field(default_factory=list)
     prefix: _Pass | None = None
+
+
+@dataclass
+class _TrunkPass:
+    """A pass's frozen trunk (:mod:`abmll.trunk`): each row's hidden states entering block ``lowest``, given to
+    replay (``below``) or filled in by the pass (``recorded``)."""
+
+    lowest: int
+    below: list[torch.Tensor] | None = None
+    recorded: list[torch.Tensor] | None = None
 
 
 class _PrefixedLayer(DynamicLayer):
@@ -380,25 +391,31 @@ class Scorer:
         decoder: nn.Module,
         seqs: Sequence[list[int]],
         past: list[tuple[_Pass, torch.Tensor | None]],
-        trunk: tuple[int, list[torch.Tensor]] | None = None,
+        trunk: _TrunkPass | None = None,
     ):
         """The decoder on ``seqs`` continuing the earlier passes ``past`` (each with the row of that pass that
         every new row continues, or None when that pass has one row, shared by all): the last hidden states,
         this pass's keys and values, and each row's last real index. Position ids continue each row's real
-        tokens, so padding (here or in ``past``) changes nothing. ``trunk`` = (L, each row's hidden states
-        entering block L): the blocks below L are not run (:mod:`abmll.trunk`)."""
+        tokens, so padding (here or in ``past``) changes nothing. ``trunk``: replay each row's hidden states
+        entering the lowest adapted block instead of running the blocks below it, or record them
+        (:mod:`abmll.trunk`)."""
         device = next(decoder.parameters()).device
         ids, mask, last = self._pad(seqs, device)
-        if trunk is not None:
-            lowest, below = trunk
-            hidden = below[0].new_zeros((len(seqs), ids.shape[1], below[0].shape[-1]))
-            for i, h in enumerate(below):
+        if trunk is not None and trunk.below is not None:
+            hidden = trunk.below[0].new_zeros((len(seqs), ids.shape[1], trunk.below[0].shape[-1]))
+            for i, h in enumerate(trunk.below):
                 offset = ids.shape[1] - h.shape[0] if self.padding_side == "left" else 0
                 hidden[i, offset : offset + h.shape[0]] = h
-            with TrunkCache.replay(decoder, lowest, hidden):
+            with TrunkCache.replay(decoder, trunk.lowest, hidden):
                 hidden, this, last = self._forward(decoder, seqs, past)
-            this.trunk = lowest
+            this.trunk = trunk.lowest
             return hidden, this, last
+        if trunk is not None:
+            with TrunkCache.capture(decoder, trunk.lowest) as captured:
+                out = self._forward(decoder, seqs, past)
+            real = mask.bool()
+            trunk.recorded = [captured[0][i][real[i]] for i in range(len(seqs))]
+            return out
         n = ids.shape[0]
         masks = [p.mask.expand(n, -1) if rows is None else p.mask[rows] for p, rows in past]
         before = sum((m.sum(-1) for m in masks), torch.zeros(n, dtype=torch.long, device=device))
@@ -417,32 +434,31 @@ class Scorer:
         ).last_hidden_state
         return hidden, _Pass([la.keys for la in layers], [la.values for la in layers], mask), last
 
-    def _batch_prefix(
-        self, decoder: nn.Module, contexts: list[list[int]], lowest: int | None
-    ) -> tuple[list, int, list[int] | None]:
-        """The pass of the prompt tokens shared by every row of the batch (all but each prompt's last), when
-        there are at least ``SHARED_MIN`` of them or when a kept one (:meth:`reuse_prefix`) covers that many;
-        its length (0: none); and the kept prefix's tokens when the pass is a crop of it. ``lowest``: the trunk
-        cache's L (None: no trunk cache)."""
+    def _prefix_plan(self, contexts: list[list[int]], needs_trunk: bool) -> tuple[_Pass | None, int]:
+        """The prompt tokens shared by every row of the batch (all but each prompt's last), when there are at
+        least ``SHARED_MIN`` of them or when a kept one (:meth:`reuse_prefix`) covers that many: (a crop of the
+        kept pass, its length) or (None, the length of a prefix pass to run now; 0: none). ``needs_trunk``: a
+        kept pass that ran without the blocks below the adapted ones (a trunk replay) cannot be continued by a
+        pass that runs them."""
         first = contexts[0]
         shared = min(len(c) for c in contexts) - 1
         for c in contexts[1:]:
             shared = min(shared, _common(first, c))
         kept = self._kept if self._kept is not None and not torch.is_grad_enabled() else None
-        if kept is not None and kept.prefix is not None and kept.prefix.trunk == lowest:
+        if kept is not None and kept.prefix is not None and not (needs_trunk and kept.prefix.trunk is not None):
             common = _common(kept.ids, first[:shared])
             if common >= SHARED_MIN:
-                return [(kept.prefix.crop(common), None)], common, kept.ids
-        if shared < SHARED_MIN:
-            return [], 0, None
-        below = None
-        if lowest is not None:
-            path = (tuple(first[:shared]),)
-            below = (lowest, self.trunk.hidden(decoder, lowest, [path], self._forward, frozenset([path])))
-        _, prefix, _ = self._forward(decoder, [first[:shared]], [], below)
-        if kept is not None:
-            kept.ids, kept.prefix = first[:shared], prefix
-        return [(prefix, None)], shared, None
+                return kept.prefix.crop(common), common
+        return None, shared if shared >= SHARED_MIN else 0
+
+    @staticmethod
+    def _paths(contexts, rows, longer, index, start: int, prefix_pass: bool) -> list[list[tuple]]:
+        """The trunk-cache paths (:mod:`abmll.trunk`) of a call's three passes: the batch prefix's (when it runs
+        now), each prompt's (its rest after the prefix) and each longer option's continuation."""
+        prefix = (tuple(contexts[0][:start]),) if start else ()
+        prompts = [(*prefix, tuple(c[start:])) for c in contexts]
+        options = [(*prompts[index[tuple(rows[i].context)]], tuple(rows[i].option_ids[:-1])) for i in longer]
+        return [[prefix] if prefix and prefix_pass else [], prompts, options]
 
     def _shared(self, model: nn.Module, examples: Sequence[Example]) -> torch.Tensor:
         """The scores of :meth:`__call__` with each distinct prompt encoded once: a pass over the prompt prefix
@@ -456,23 +472,34 @@ class Scorer:
         for row in rows:
             if index.setdefault(tuple(row.context), len(contexts)) == len(contexts):
                 contexts.append(row.context)
-        lowest = lowest_adapted(decoder) if self.trunk is not None else None
-        past, start, kept = self._batch_prefix(decoder, contexts, lowest)
         longer = [i for i, row in enumerate(rows) if len(row.option_ids) > 1]
-        prompt_trunk = option_trunk = None
-        if lowest is not None:  # each prompt's and continuation's path of segments (abmll.trunk)
-            prefix = (tuple(contexts[0][:start]),) if start else ()
-            paths = [(*prefix, tuple(c[start:])) for c in contexts]
-            paths += [(*paths[index[tuple(rows[i].context)]], tuple(rows[i].option_ids[:-1])) for i in longer]
-            given = None
-            if kept is not None and len(kept) > start:  # ICL across calls: the kept prefix's trunk, cropped
-                trunk = self.trunk.prefix_pass((tuple(kept),))
-                given = {prefix: trunk.crop(start)} if trunk is not None else None
-            below = self.trunk.hidden(
-                decoder, lowest, paths, self._forward, frozenset([prefix] if prefix else []), given
-            )
-            prompt_trunk, option_trunk = (lowest, below[: len(contexts)]), (lowest, below[len(contexts) :])
-        hidden, prompts, last = self._forward(decoder, [c[start:] for c in contexts], past, prompt_trunk)
+        lowest = lowest_adapted(decoder) if self.trunk is not None else None
+        below = None
+        if lowest is not None:  # replay the frozen trunk when every path of the call is kept (abmll.trunk)
+            kept, start = self._prefix_plan(contexts, needs_trunk=False)
+            paths = self._paths(contexts, rows, longer, index, start, kept is None)
+            below = self.trunk.lookup(decoder, lowest, [p for group in paths for p in group])
+        if below is None:
+            kept, start = self._prefix_plan(contexts, needs_trunk=True)
+            paths = self._paths(contexts, rows, longer, index, start, kept is None)
+        trunks: list[_TrunkPass | None] = [None, None, None]  # the prefix, prompts and options passes
+        if lowest is not None:
+            ends = [0, *itertools.accumulate(len(group) for group in paths)]
+            trunks = [_TrunkPass(lowest, below[ends[g] : ends[g + 1]] if below else None) for g in range(3)]
+
+        def run(seqs, past, g: int):
+            out = self._forward(decoder, seqs, past, trunks[g])
+            if trunks[g] is not None and trunks[g].recorded is not None:
+                self.trunk.store(paths[g], trunks[g].recorded)
+            return out
+
+        past = [] if kept is None else [(kept, None)]
+        if kept is None and start:  # the batch prefix's own pass
+            _, prefix, _ = run([contexts[0][:start]], [], 0)
+            past = [(prefix, None)]
+            if self._kept is not None and not torch.is_grad_enabled():
+                self._kept.ids, self._kept.prefix = contexts[0][:start], prefix
+        hidden, prompts, last = run([c[start:] for c in contexts], past, 1)
         logits = _logits(model, head, hidden[torch.arange(len(contexts), device=hidden.device), last])
         device = logits.device
         width = max(len(ex.options) for ex in examples)
@@ -487,9 +514,7 @@ class Scorer:
         per_row = torch.log_softmax(logits, dim=-1)[of_row, first]
         if longer:
             at = torch.tensor(longer, device=device)
-            hidden, _, _ = self._forward(
-                decoder, [rows[i].option_ids[:-1] for i in longer], [*past, (prompts, of_row[at])], option_trunk
-            )
+            hidden, _, _ = run([rows[i].option_ids[:-1] for i in longer], [*past, (prompts, of_row[at])], 2)
             targets, mask, _ = self._pad([rows[i].option_ids[1:] for i in longer], device)
             read = mask.bool()
             token_lp = torch.log_softmax(_logits(model, head, hidden[read]), dim=-1).gather(-1, targets[read][:, None])
