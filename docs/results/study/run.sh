@@ -13,10 +13,12 @@ METHODS=lora,lora-task,structured-lora,reptile,maml,abmll
 SHARED=(--preset full --set lora.layers=4 --set scoring.max_length=8192)
 case "${1:-}" in
   tune)
-    # 8 trials per method, each trial meta-trains 50 meta-steps from scratch and is scored on the 5 'dev' tasks
-    # (3 support-set seeds each); diverged trials count.
+    # 8 trials per method, each trial meta-trains 50 meta-steps from scratch and is scored on the 5 'dev' tasks,
+    # one support set each (seed 100; the dev pools hold 165-350 examples, so one seed's query set of up to 100 is
+    # about as many questions as three seeds' disjoint thirds, at a third of the adaptation cost); diverged trials
+    # count.
     resume=(); [[ -f $HERE/tune/tune.db ]] && resume=(--resume)
-    "$ABMLL" tune --methods "$METHODS" --trials 8 "${SHARED[@]}" --set meta.meta_steps=50 \
+    "$ABMLL" tune --methods "$METHODS" --trials 8 --seeds 100 "${SHARED[@]}" --set meta.meta_steps=50 \
       --out "$HERE/tune" "${resume[@]}"
     ;;
   compare)
