@@ -18,9 +18,11 @@ are scored from its key/value cache, in evaluation and in the training forward +
 through the cache to the adapter); a prompt prefix shared by the whole batch (≥ ``SHARED_MIN`` tokens, e.g.
 ICL demonstrations) gets one pass of its own, and inside :meth:`Scorer.reuse_prefix` it is kept across calls.
 The scores are the plain path's up to float rounding (tests/test_shared_prefix.py). Models whose decoder takes
-no ``cache``, sliding-window attention and gradient checkpointing under autograd use the plain path.
+no ``cache``, sliding-window attention and gradient checkpointing under autograd use the plain path. On this path,
+with adapters on the top blocks only, the frozen-trunk cache (``scoring.trunk_cache_mb``, :mod:`abmll.trunk`)
+replays the hidden states entering the lowest adapted block for a call whose prompts and options it has recorded.
 
-One module of about 460 lines on purpose: the plain path and the shared-prefix path of each scorer share
+One module of about 540 lines on purpose: the plain path and the shared-prefix path of each scorer share
 tokenisation, padding and read positions, and are kept side by side so that they can be read against each other
 (``tests/test_shared_prefix.py`` checks they agree).
 """
@@ -462,7 +464,7 @@ class Scorer:
 
     def _shared(self, model: nn.Module, examples: Sequence[Example]) -> torch.Tensor:
         """The scores of :meth:`__call__` with each distinct prompt encoded once: a pass over the prompt prefix
-        shared by the batch (:meth:`_batch_prefix`), one over each distinct prompt (the rest of it), whose last
+        shared by the batch (:meth:`_prefix_plan`), one over each distinct prompt (the rest of it), whose last
         position predicts every option's first token, and one over each option's other tokens, continuing its
         prompt's keys and values. Gradients flow through all three to the adapter."""
         decoder, head = _split(model)
