@@ -223,3 +223,20 @@ def test_a_meta_step_takes_the_same_gradient_with_the_trunk_cache_and_runs_the_t
 def test_a_negative_budget_is_one_clear_error():
     with pytest.raises(ConfigError, match="scoring.trunk_cache_mb"):
         ScoringConfig(trunk_cache_mb=-1)
+
+
+def test_a_kept_prefix_that_skipped_the_trunk_is_not_continued_by_a_pass_that_runs_it(tiny):
+    """Recorded outside reuse_prefix, the demonstrated batch is replayed inside it and keeps a prefix pass without
+    the blocks below the adapted ones; a new batch with the same demonstrations then runs every block and must
+    encode its own prefix: its scores are the plain path's."""
+    model, tok, config = tiny
+    plain = Scorer(tok, dataclasses.replace(config, shared_prefix=False))
+    cached = Scorer(tok, config)
+    first, new = DEMONSTRATED[:2], DEMONSTRATED[2:]
+    with torch.no_grad():
+        cached(model, first)  # recorded
+        with cached.reuse_prefix():
+            cached(model, first)  # replayed: the kept prefix skipped the trunk
+            assert cached._kept.prefix.trunk is not None
+            assert_same_scores(plain(model, new), cached(model, new))
+            assert cached._kept.prefix.trunk is None  # replaced by one that ran every block

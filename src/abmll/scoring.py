@@ -476,12 +476,12 @@ class Scorer:
                 contexts.append(row.context)
         longer = [i for i, row in enumerate(rows) if len(row.option_ids) > 1]
         lowest = lowest_adapted(decoder) if self.trunk is not None else None
-        below = None
-        if lowest is not None:  # replay the frozen trunk when every path of the call is kept (abmll.trunk)
-            kept, start = self._prefix_plan(contexts, needs_trunk=False)
-            paths = self._paths(contexts, rows, longer, index, start, kept is None)
-            below = self.trunk.lookup(decoder, lowest, [p for group in paths for p in group])
-        if below is None:
+        kept, start = self._prefix_plan(contexts, needs_trunk=lowest is None)
+        paths = self._paths(contexts, rows, longer, index, start, kept is None)
+        # replay the frozen trunk when every path of the call is kept (abmll.trunk)
+        below = self.trunk.lookup(decoder, lowest, [p for g in paths for p in g]) if lowest is not None else None
+        if below is None and kept is not None and kept.trunk is not None:
+            # a pass that runs every block cannot continue a kept prefix that skipped them
             kept, start = self._prefix_plan(contexts, needs_trunk=True)
             paths = self._paths(contexts, rows, longer, index, start, kept is None)
         trunks: list[_TrunkPass | None] = [None, None, None]  # the prefix, prompts and options passes
