@@ -159,3 +159,80 @@ def test_named_and_invalid():
         SyntheticFamily.named("nope")
     with pytest.raises(ValueError, match="n_options"):
         SyntheticFamily(n_options=1)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The spread family written as a benchmark: 3 train, 1 dev and 2 test tasks of 24 examples."""
+    from abmll.synthetic import write_benchmark
+
+    root = tmp_path_factory.mktemp("bench")
+    family = SyntheticFamily.named("spread")
+    return family, write_benchmark(family, root / "bench", train=3, dev=1, test=2, examples=24)
+
+
+def test_written_benchmark_holds_the_family_and_its_truth(written):
+    import json
+
+    from abmll.synthetic import SETTING_FILE, write_benchmark
+    from abmll.tasks.readers import load_training_tasks, read_setting
+
+    family, bench = written
+    setting = read_setting(bench / "data" / "settings" / SETTING_FILE)
+    assert setting == {
+        "train": ["synthetic-0", "synthetic-1", "synthetic-2"], "dev": ["synthetic-3"],
+        "test": ["synthetic-4", "synthetic-5"],
+    }  # fmt: skip
+    tasks, _ = load_training_tasks(bench / "data", setting["train"] + setting["test"])
+    for task, index in zip(tasks, (0, 1, 2, 4, 5), strict=True):  # read back as written, labels and all
+        again = family.task(index, 24)
+        assert [(e.input, e.options, e.gold, e.id) for e in task.examples] == [
+            (e.input, e.options, e.gold, e.id) for e in again.examples
+        ]
+    truth = [json.loads(line) for line in (bench / "truth.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in truth} == {"synthetic-3", "synthetic-4", "synthetic-5"} and len(truth) == 3 * 24
+    row = next(r for r in truth if r["task"] == "synthetic-4")
+    example = family.task(4, 24).examples[0]
+    assert row["id"] == example.id
+    assert row["teacher"] == pytest.approx(family.probs([example], family.delta(4))[0].tolist(), abs=1e-6)
+    assert row["base"] == pytest.approx(family.probs([example])[0].tolist(), abs=1e-6)
+    assert write_benchmark(family, bench, train=3, dev=1, test=2, examples=24) == bench  # the same: kept
+    with pytest.raises(Exception, match="is not this synthetic benchmark"):
+        write_benchmark(family, bench, train=4, dev=1, test=2, examples=24)
+    assert not list(bench.parent.glob(".bench.*"))  # no temporary folder left behind
+
+
+def test_the_harness_on_the_written_benchmark_scores_as_the_family(written, tmp_path):
+    """abmll compare reads the written model and data like a user's; its zero-shot predictions are W0's, so its KL
+    to the teachers equals the base reference; a predictor that is the teacher has KL 0."""
+    import json
+
+    from conftest import invoke, ok
+
+    from abmll.synthetic import SETTING_FILE, truth_table
+
+    _, bench = written
+    out = tmp_path / "cmp"
+    ok(invoke(
+        "compare", "--methods", "zero-shot,lora-task", "--preset", "smoke", "--model", bench / "model", "--data",
+        bench / "data", "--setting", bench / "data" / "settings" / SETTING_FILE, "--k", 4, "--device", "cpu",
+        "--set", "scoring.length_norm=none", "--out", out,
+    ))  # fmt: skip
+    truth = {json.loads(line)["id"]: json.loads(line) for line in (bench / "truth.jsonl").read_text().splitlines()}
+    oracle = out / "teacher" / "seed-100"
+    oracle.mkdir(parents=True)
+    zero_shot = out / "zero-shot" / "seed-100" / "predictions.jsonl"
+    rows = [json.loads(line) for line in zero_shot.read_text().splitlines()]
+    oracle.joinpath("predictions.jsonl").write_text(
+        "".join(json.dumps({**r, "probs": truth[r["id"]]["teacher"]}) + "\n" for r in rows)
+    )
+    table = truth_table(bench, out, against="lora-task")
+    zero, base = table["methods"]["zero-shot"], table["references"]["base"]
+    assert set(zero["tasks"]) == {"synthetic-4", "synthetic-5"}
+    for task, kl in zero["tasks"].items():
+        assert kl == pytest.approx(base["tasks"][task], abs=1e-5) and kl > 0.05
+    assert table["methods"]["teacher"]["mean"]["mean"] == pytest.approx(0, abs=1e-6)
+    lora = table["methods"]["lora-task"]["tasks"]
+    assert lora != pytest.approx(zero["tasks"], abs=1e-4)  # adapted: not W0
+    paired = table["paired"]["zero-shot"]["mean"]
+    assert paired == pytest.approx(sum(lora[t] - zero["tasks"][t] for t in lora) / 2)

@@ -173,6 +173,22 @@ def test_compare_applies_and_records_each_methods_tuned_values(study, tmp_path):
     refused(invoke(*common, "--out", tmp_path / "tuned", "--resume"), "config inner.test_inner_lr=0.5")
 
 
+def test_abmll_icl_takes_abmlls_tuned_values_and_shares_its_meta_training(study, tmp_path, caplog):
+    values = {"objective.beta": 3e-6, "inner.test_inner_lr": 0.02}
+    tuned_file = tmp_path / "tuned.json"
+    tuned_file.write_text(json.dumps({"abmll": values}))
+    out = tmp_path / "cmp"
+    ok(invoke(
+        "compare", "--methods", "abmll,abmll-icl", "--preset", "smoke", "--data", study["data"], "--setting",
+        study["setting"], "--model", study["model"], "--k", 4, "--device", "cpu", "--out", out, "--tuned", tuned_file,
+    ))  # fmt: skip
+    for method in ("abmll", "abmll-icl"):
+        recorded = json.loads((out / method / "seed-100" / "results.json").read_text())
+        assert recorded["tuned"] == values and recorded["config"]["objective"]["beta"] == 3e-6
+    assert not (out / "abmll-icl" / "seed-100" / "train" / "final").exists()  # θ is abmll's, not its own
+    assert "meta-trains its own" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("content", "words"),
     [

@@ -123,11 +123,20 @@ class Comparison:
     #: them, read with :func:`abmll.tasks.readers.read_column_data` (None: a MetaICL folder).
     columns: dict[str, Any] | None = None
     #: Per method, config values tuned on meta-validation tasks (:func:`abmll.tune.read_tuned`), applied on top
-    #: of the shared config and the method's own preset in each of its cells.
+    #: of the shared config and the method's own preset in each of its cells (:meth:`tuned_for`).
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The setting's meta-validation ('dev') tasks: with ``meta.validate_every`` every meta-training validates on
     #: them (and, with ``meta.patience``, stops early; :mod:`abmll.validation`).
     dev_tasks: list[str] = field(default_factory=list)
+
+    def tuned_for(self, method_name: str) -> dict[str, Any]:
+        """The tuned values of ``method_name``; a method tuned on its own has its own, one that shares another's
+        meta-training (``abmll-icl``: ``abmll``'s θ) and was not tuned on its own takes that method's, so that
+        it can share its θ."""
+        source = METHODS[method_name].meta_trained_as
+        if method_name in self.tuned or source is None:
+            return self.tuned.get(method_name, {})
+        return self.tuned.get(source, {})
     _read: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -254,7 +263,7 @@ def run_cell(
     start = time.perf_counter()
     scoped = tracker.scoped(f"{method_name}/seed-{seed}") if tracker is not None else None
     overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
-    tuned = comparison.tuned.get(method_name, {})  # abmll tune's values, on top
+    tuned = comparison.tuned_for(method_name)  # abmll tune's values, on top
     config = comparison.config.override({**overrides, **tuned, "seed": seed})
     method = build(comparison.model, method_name, config, device=comparison.device)
     model = method.model
@@ -384,7 +393,7 @@ def _check_kept_cell(comparison: Comparison, method_name: str, seed: int, cell: 
     with another config (a field the cell's abmll did not know yet is not compared), k, query-set cap, model
     or test tasks than this comparison gives it: the report would pool it under a config it did not use."""
     recorded = read_results(cell / "results.json")
-    tuned = comparison.tuned.get(method_name, {})
+    tuned = comparison.tuned_for(method_name)
     config = comparison.config.override({**method_overrides(method_name, comparison.config), **tuned, "seed": seed})
     ran, wanted = flatten(recorded.get("config") or {}), flatten(config.to_dict())
     differ = {f"config {key}": (ran[key], wanted[key]) for key in wanted if key in ran and ran[key] != wanted[key]}

@@ -284,24 +284,6 @@ def _cap(examples: list[Example], name: str, cap: int | None) -> list[Example]:
     return [examples[i] for i in keep]
 
 
-def _write_all(task: Task, path: Path) -> None:
-    """``{task}.jsonl``: every example, in the line format of :func:`write_metaicl_task`."""
-    lines = (
-        json.dumps(
-            {
-                "task": task.name,
-                "input": ex.input,
-                "output": ex.answer,
-                "options": list(ex.options),
-                "id": ex.id,
-            },
-            ensure_ascii=False,
-        )
-        for ex in task.examples
-    )
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
 def _write_task(spec: TaskSpec, task: Task, root: Path) -> dict[str, Any]:
     folder = root / task.name
     folder.mkdir(parents=True)
@@ -312,7 +294,7 @@ def _write_task(spec: TaskSpec, task: Task, root: Path) -> dict[str, Any]:
     if spec.group != "test":
         path = write_metaicl_task(task, root, k=TRAIN_FILE_K, seed=TRAIN_FILE_SEED, split="train")
         return {"files": {"train": path.relative_to(root).as_posix()}}
-    _write_all(task, folder / f"{task.name}.jsonl")
+    write_metaicl_task(task, root, k=None)
     episodes = {}
     for seed in SEEDS:
         ep = make_episode(task, K, seed)

@@ -25,16 +25,24 @@ seed) draws a task's inputs and labels. Teachers are applied to the family's own
 from __future__ import annotations
 
 import functools
+import json
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from abmll.checkpoint import versions, write_json_atomic
+from abmll.errors import ConfigError
+from abmll.metrics import mean_interval
 from abmll.scoring import Scorer
 from abmll.tasks.data import Example, Task
+from abmll.tasks.readers import write_metaicl_task
 from abmll.tiny import TINY_WORDS, tiny_llama
 
 #: Words of the options (each repeated ``option_repeats`` times); the first ``n_options`` are used.
@@ -217,9 +225,151 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 def predictive_kl(teacher: Any, student: Any) -> float:
     """Mean over rows of KL(teacher ‖ student) between option distributions ``[N, n_options]`` (nats)."""
+    rows = _kl_rows(teacher, student)
+    return sum(rows) / len(rows)
+
+
+def _kl_rows(teacher: Any, student: Any) -> list[float]:
+    """KL(teacher ‖ student) of each row of two ``[N, n_options]`` option distributions (nats)."""
     p = torch.as_tensor(teacher, dtype=torch.float64)
     q = torch.as_tensor(student, dtype=torch.float64).clamp_min(1e-12)
-    return float((torch.xlogy(p, p) - p * q.log()).sum(-1).mean())
+    return (torch.xlogy(p, p) - p * q.log()).sum(-1).tolist()
 
 
-__all__ = ["FAMILIES", "INPUT_WORDS", "OPTION_WORDS", "SyntheticFamily", "predictive_kl"]
+# --- the family as a benchmark of the library's harness (abmll tune, abmll compare) ---------------------------
+
+#: The setting file of a written benchmark, under ``OUT/data/settings/``.
+SETTING_FILE = "synthetic.json"
+#: Option distributions recorded for every dev and test example: the task's teacher, the mean teacher, W0.
+TRUTHS = ("teacher", "mean_teacher", "base")
+
+
+def write_benchmark(
+    family: SyntheticFamily, out: str | Path, train: int = 64, dev: int = 8, test: int = 32, examples: int = 128
+) -> Path:
+    """Write ``family`` as a model folder and a data folder that ``abmll tune`` and ``abmll compare`` read like
+    any user's (``--model OUT/model --data OUT/data --setting OUT/data/settings/synthetic.json``)::
+
+        OUT/model/                                W0 and its tokenizer (save_pretrained)
+        OUT/data/synthetic-{i}/synthetic-{i}.jsonl  each task's ``examples`` examples (whole-task file)
+        OUT/data/settings/synthetic.json          tasks 0..train-1 "train", the next ``dev`` "dev", the next
+                                                  ``test`` "test"
+        OUT/truth.jsonl                           each dev and test example's option distributions under its
+                                                  task's teacher, the mean teacher and W0 (:data:`TRUTHS`)
+        OUT/family.json                           the family, the sizes and the package versions
+
+    The teachers are scored with the library's default scorer, so a comparison that shares the family's truth
+    must score with ``scoring.length_norm = none`` (the default). Written into a temporary folder and renamed
+    into place: OUT is complete or absent. An OUT that records the same family and sizes is kept as it is;
+    any other existing OUT is refused."""
+    out = Path(out)
+    record = {
+        "family": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(family).items()},
+        "sizes": {"train": train, "dev": dev, "test": test, "examples": examples},
+    }
+    if min(train, dev, test) < 0 or test < 1 or examples < 2:
+        raise ConfigError(f"write_benchmark: need test ≥ 1, train and dev ≥ 0 and examples ≥ 2, got {record['sizes']}")
+    if out.exists():
+        kept = out / "family.json"
+        if kept.is_file() and {k: v for k, v in json.loads(kept.read_text()).items() if k in record} == record:
+            return out
+        raise ConfigError(f"{out} exists and is not this synthetic benchmark ({kept} differs or is missing)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model, tokenizer = family.base_model()
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        ends = (train, train + dev, train + dev + test)
+        groups = {"train": range(ends[0]), "dev": range(ends[0], ends[1]), "test": range(ends[1], ends[2])}
+        truth_lines = []
+        for group, indices in groups.items():
+            for index in indices:
+                task = family.task(index, examples)
+                write_metaicl_task(task, tmp / "data", k=None)
+                (tmp / "data" / task.name / "config.json").write_text(
+                    json.dumps({"kind": task.kind, "options": list(family.options)}) + "\n", encoding="utf-8"
+                )
+                if group == "train":
+                    continue
+                truths = {
+                    "teacher": family.probs(task.examples, family.delta(index)),
+                    "mean_teacher": family.probs(task.examples, family.delta(None)),
+                    "base": family.probs(task.examples),
+                }
+                for j, ex in enumerate(task.examples):
+                    row = {name: [round(p, 7) for p in truths[name][j].tolist()] for name in TRUTHS}
+                    truth_lines.append(json.dumps({"task": task.name, "id": ex.id, **row}))
+        settings = tmp / "data" / "settings"
+        settings.mkdir(parents=True)
+        names = {g: [f"synthetic-{i}" for i in indices] for g, indices in groups.items()}
+        (settings / SETTING_FILE).write_text(json.dumps(names, indent=1) + "\n", encoding="utf-8")
+        (tmp / "truth.jsonl").write_text("".join(line + "\n" for line in truth_lines), encoding="utf-8")
+        write_json_atomic(tmp / "family.json", {**record, "versions": versions()})
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def truth_table(benchmark: str | Path, comparison: str | Path, against: str = "abmll") -> dict[str, Any]:
+    """How far each method of a comparison on a written benchmark is from the truth: per method, the mean over
+    its query predictions (every seed) of KL(task teacher ‖ method's predictive) per test task, and the mean
+    over tasks with a 95 % t-interval across tasks (the family's tasks are independent draws); the same for
+    the references (the mean teacher: a perfect prior with no adaptation; W0: zero-shot) on the same query
+    examples, and the teacher's entropy (the expected NLL of the Bayes-optimal predictor); and ``paired``:
+    ``against`` minus each other method per task, with its interval. Reads ``OUT/{method}/seed-*/
+    predictions.jsonl`` of ``abmll compare``; an example id missing from ``truth.jsonl`` is an error."""
+    benchmark, comparison = Path(benchmark), Path(comparison)
+    truth = {}
+    with open(benchmark / "truth.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            truth[row["id"]] = row
+    methods: dict[str, dict[str, list[float]]] = {}
+    asked: dict[str, set[str]] = {}
+    for path in sorted(comparison.glob("*/seed-*/predictions.jsonl")):
+        per_task = methods.setdefault(path.parent.parent.name, {})
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        missing = [r["id"] for r in rows if r["id"] not in truth]
+        if missing:
+            raise ConfigError(f"{path}: example {missing[0]!r} is not in {benchmark / 'truth.jsonl'}")
+        kls = _kl_rows([truth[r["id"]]["teacher"] for r in rows], [r["probs"] for r in rows])
+        for r, kl in zip(rows, kls, strict=True):
+            per_task.setdefault(r["task"], []).append(kl)
+            asked.setdefault(r["task"], set()).add(r["id"])
+    if not methods:
+        raise ConfigError(f"{comparison}: no */seed-*/predictions.jsonl of abmll compare")
+    references: dict[str, dict[str, list[float]]] = {"mean_teacher": {}, "base": {}, "teacher_entropy": {}}
+    for task, ids in asked.items():
+        rows = [truth[i] for i in sorted(ids)]
+        teacher = [r["teacher"] for r in rows]
+        references["mean_teacher"][task] = _kl_rows(teacher, [r["mean_teacher"] for r in rows])
+        references["base"][task] = _kl_rows(teacher, [r["base"] for r in rows])
+        p = torch.tensor(teacher, dtype=torch.float64)
+        references["teacher_entropy"][task] = (-torch.xlogy(p, p).sum(-1)).tolist()
+
+    def summary(per_task: dict[str, list[float]]) -> dict[str, Any]:
+        tasks = {task: sum(v) / len(v) for task, v in sorted(per_task.items())}
+        return {"tasks": tasks, "mean": mean_interval(tasks.values())}
+
+    table = {
+        "methods": {name: summary(per_task) for name, per_task in sorted(methods.items())},
+        "references": {name: summary(per_task) for name, per_task in references.items()},
+        "paired": {},
+    }
+    if against in methods:
+        mine = table["methods"][against]["tasks"]
+        for name, result in table["methods"].items():
+            shared = sorted(set(mine) & set(result["tasks"]))
+            if name != against and shared:
+                diffs = [mine[t] - result["tasks"][t] for t in shared]
+                table["paired"][name] = mean_interval(diffs)
+    return table
+
+
+__all__ = [
+    "FAMILIES", "INPUT_WORDS", "OPTION_WORDS", "SETTING_FILE", "SyntheticFamily", "predictive_kl", "truth_table",
+    "write_benchmark",
+]

@@ -113,9 +113,11 @@ def _run_comparison(
     comparison.config = (comparison.config if shared is None else shared).override(overrides)  # --config: instead
     comparison.device = run_device
     if tuned is not None:
+        from abmll.methods import METHODS
         from abmll.tune import check_tuned
 
-        comparison.tuned = {m: v for m, v in tuned_values.items() if m in comparison.methods}
+        shared = {METHODS[m].meta_trained_as for m in comparison.methods}  # abmll-icl may take abmll's values
+        comparison.tuned = {m: v for m, v in tuned_values.items() if m in comparison.methods or m in shared}
         check_tuned(comparison.tuned, comparison.config, str(tuned))
         comparison.extra["tuned"] = _portable(tuned)
     params = {"methods": comparison.methods, "preset": preset, "seeds": comparison.seeds, "k": k, "model": model}

@@ -303,12 +303,14 @@ def read_setting(path: Path | str) -> dict[str, list[str]]:
 
 
 def write_metaicl_task(
-    task: Task, data_dir: Path | str, k: int = 16, seed: int = 100, split: str = "train"
+    task: Task, data_dir: Path | str, k: int | None = 16, seed: int = 100, split: str = "train"
 ) -> Path:
-    """Write ``task`` as ``{data_dir}/{task}/{task}_{k}_{seed}_{split}.jsonl`` (options on every line, the
-    example id as ``"id"`` when set); returns the file's path."""
+    """Write ``task`` as ``{data_dir}/{task}/{task}_{k}_{seed}_{split}.jsonl``, or as its whole-task file
+    ``{data_dir}/{task}/{task}.jsonl`` when ``k`` is None (options on every line, the example id as ``"id"``
+    when set); returns the file's path."""
     _check_ids(task)
-    path = metaicl_path(data_dir, task.name, k, seed, split)
+    whole = Path(data_dir) / task.name / f"{task.name}.jsonl"
+    path = metaicl_path(data_dir, task.name, k, seed, split) if k is not None else whole
     lines = [
         {"task": task.name, "input": ex.input, "output": ex.answer, "options": list(ex.options)}
         | ({"id": ex.id} if ex.id else {})
