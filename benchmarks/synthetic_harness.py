@@ -9,7 +9,13 @@ user's data would be:
    (validated every 25 meta-steps, patience 4, at most 300 meta-steps), 3 seeds with disjoint query sets;
 3. the truth table (:func:`abmll.synthetic.truth_table`): each method's KL(task teacher ‖ predictive) on its query
    examples, which needs no sampled label, against the mean teacher (a perfect prior, no adaptation) and W0
-   (zero-shot), and ABMLL minus each method per task, with 95 % t-intervals across the unseen tasks.
+   (zero-shot), and ABMLL minus each method per task, with 95 % t-intervals across the unseen tasks;
+4. with ``--ablations``, the paper's claims at k = 16: ``abmll`` compared again with one of its tuned values changed
+   (:data:`ABLATIONS`: β off, the paper's v1 and v2 values; the ``straight_through_kl`` gradient; S = 1, 4, 16
+   posterior samples and the mean mode; K_test = 1, 4, 16; adapters on the top block only), each variant in its own
+   folder and all of them in one truth table (``ablations/truth.md``). A variant that changes only test-time
+   fields meta-trains the same θ again (same seed and training config), so it differs by its test-time choice only,
+   up to where the meta-validation stops.
 
 Every step resumes (``--resume`` of tune and compare; the written family is kept when it is the same), so a run
 can be accumulated over several sittings. Run from the repository root::
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +40,7 @@ from typing import Any
 
 from abmll.checkpoint import versions, write_json_atomic
 from abmll.synthetic import FAMILIES, SETTING_FILE, SyntheticFamily, truth_table, write_benchmark
+from abmll.tune import search_space
 
 ROOT = Path(__file__).resolve().parent.parent
 ABMLL = str(Path(sys.executable).with_name("abmll"))
@@ -42,6 +50,22 @@ METHODS = "lora,lora-task,structured-lora,reptile,maml,abmll"
 SHARED = ["--preset", "full", "--set", "scoring.length_norm=none", "--set", "scoring.max_length=512"]
 FULL = {"train": 64, "dev": 8, "test": 32, "examples": 128, "trials": 8, "tune_steps": 50, "steps": 300, "ks": [16, 4]}
 QUICK = {"train": 8, "dev": 2, "test": 4, "examples": 48, "trials": 2, "tune_steps": 4, "steps": 8, "ks": [4]}
+#: ABMLL's ablations: a variant's name and the tuned values it changes (section 4 of the docstring).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "beta-off": {"objective.beta": 0.0},
+    "beta-v1": {"objective.beta": 5e-10},
+    "beta-v2": {"objective.beta": 1e-7},
+    "straight-through-kl": {"inner.order": "straight_through_kl"},
+    "samples-1": {"predict.samples": 1},
+    "samples-4": {"predict.samples": 4},
+    "samples-16": {"predict.samples": 16},
+    "mean-mode": {"predict.mode": "mean"},
+    "k-test-1": {"inner.test_inner_steps": 1},
+    "k-test-4": {"inner.test_inner_steps": 4},
+    "k-test-16": {"inner.test_inner_steps": 16},
+    "top-block-only": {"lora.layers": 1},
+}
+ABLATION_K = 16
 
 
 def run(command: list[str], log: list[str]) -> None:
@@ -96,6 +120,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="relative to the repo root; default docs/results/synthetic/FAMILY")
     parser.add_argument("--quick", action="store_true", help="a small run that checks the pipeline")
     parser.add_argument("--skip-tune", action="store_true", help="compare with the library's defaults")
+    parser.add_argument("--ablations", action="store_true", help="then ABMLL's ablations at k = 16")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     family = SyntheticFamily.named(args.family)
@@ -133,7 +158,55 @@ def main() -> None:
         text = markdown(table, args.family, k, commands)
         (ROOT / cell_out / "truth.md").write_text(text, encoding="utf-8")
         print(text)
+    if args.ablations:
+        ablate(args, size, data, out, bench, commands)
     print(json.dumps({"out": str(out)}))
+
+
+def ablate(args: argparse.Namespace, size: dict[str, Any], data: list[str], out: Path, bench: Path, log: list[str]):
+    """Section 4: each variant of :data:`ABLATIONS` as ``abmll compare --methods abmll`` with a tuned file whose
+    ``abmll`` values are the tuned ones with the variant's changes, then one truth table of all of them beside the
+    main comparison's ``abmll``."""
+    tuned_file = ROOT / out / "tune" / "tuned.json"
+    tuned = json.loads(tuned_file.read_text()) if tuned_file.is_file() else {}
+    folder = out / "ablations"
+    commands: list[str] = []
+    for name, changes in ABLATIONS.items():
+        variant = folder / name
+        (ROOT / variant).mkdir(parents=True, exist_ok=True)
+        # A searched field changes in the variant's tuned file (tuned values go on top of --set), another by --set.
+        searched = search_space("abmll")
+        values = {**tuned.get("abmll", {}), **{k: v for k, v in changes.items() if k in searched}}
+        write_json_atomic(ROOT / variant / "tuned.json", {"abmll": values})
+        sets = [arg for k, v in changes.items() if k not in searched for arg in ("--set", f"{k}={v}")]
+        run(
+            [ABMLL, "compare", "--methods", "abmll", *data, *SHARED, "--k", str(ABLATION_K),
+             "--set", f"meta.meta_steps={size['steps']}", "--set", "meta.validate_every=25", "--set", "meta.patience=4",
+             *sets, "--tuned", str(variant / "tuned.json"), "--out", str(variant), "--resume"],
+            commands,
+        )  # fmt: skip
+    # One table: each variant's abmll cells under its name, and the main comparison's abmll as "tuned".
+    pooled = ROOT / folder / "pooled"
+    if pooled.exists():
+        shutil.rmtree(pooled)
+    sources = {"tuned": ROOT / out / f"k{ABLATION_K}" / "abmll"}
+    sources.update({name: ROOT / folder / name / "abmll" for name in ABLATIONS})
+    for name, source in sources.items():
+        if source.is_dir():
+            (pooled / name).mkdir(parents=True)
+            for seed in source.glob("seed-*"):
+                if (seed / "predictions.jsonl").is_file():
+                    (pooled / name / seed.name).mkdir()
+                    shutil.copy(seed / "predictions.jsonl", pooled / name / seed.name / "predictions.jsonl")
+    table = truth_table(ROOT / bench, pooled, against="tuned")
+    shutil.rmtree(pooled)
+    record = {"family": args.family, "k": ABLATION_K, "ablations": ABLATIONS, "commands": log + commands}
+    write_json_atomic(ROOT / folder / "truth.json", {**record, "versions": versions(), **table})
+    text = markdown(table, args.family, ABLATION_K, log + commands).replace(
+        "through the harness", "through the harness: ABMLL's ablations"
+    ).replace("ABMLL − it", "tuned ABMLL − it")
+    (ROOT / folder / "truth.md").write_text(text, encoding="utf-8")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,39 @@ def test_the_report_counts_the_demonstrations_that_fit(tmp_path):
     short.config = short.config.override({"scoring.max_length": 8})  # room for the query alone, if that
     assert demonstrations_kept(short)["unseen"] == {"mean": 0, "min": 0, "max": 0}
     assert run_comparison(tiny_comparison(tmp_path, ["zero-shot"]), tmp_path / "zs")["demonstrations"] == {}
+
+
+def test_resumed_comparisons_into_one_folder_share_its_cells_out(tmp_path, caplog):
+    """Two ``compare --resume`` runs into one folder are two workers: each runs the cells the other does not hold,
+    abmll-icl waits for the abmll θ it shares, and only the run that finds every cell finished writes the report,
+    the same one a single run writes. A comparison that is not resumed still refuses a folder in use."""
+    import fcntl
+
+    from abmll.compare import run_comparison
+    from abmll.errors import RunLockedError
+
+    methods = ["lora-task", "abmll", "abmll-icl"]
+    alone = tmp_path / "alone"
+    run_comparison(tiny_comparison(tmp_path, methods), alone)
+    out = tmp_path / "shared"
+    held = out / "abmll" / "seed-100"  # the other worker is meta-training abmll
+    held.mkdir(parents=True)
+    with open(held / ".lock", "w") as lock, caplog.at_level("WARNING", logger="abmll.compare"):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_comparison(tiny_comparison(tmp_path, methods), out, resume=True) is None
+        with open(out / ".lock") as folder:  # a worker holds the folder shared
+            fcntl.flock(folder, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            with pytest.raises(RunLockedError):
+                run_comparison(tiny_comparison(tmp_path, methods), tmp_path / "shared")
+    assert (out / "lora-task" / "seed-100" / "results.json").is_file()
+    assert not (held / "results.json").exists() and not (held / "train").exists()  # left to the other worker
+    assert not (out / "abmll-icl" / "seed-100").exists()  # waits for abmll's θ rather than training its own
+    assert not (out / "results.json").exists() and not (out / "report.md").exists()
+    assert "abmll/seed-100, abmll-icl/seed-100" in caplog.text
+
+    report = run_comparison(tiny_comparison(tmp_path, methods), out, resume=True)  # the lock is free: the rest
+    assert report is not None and (out / "report.md").is_file()
+    shared = json.loads((out / "abmll-icl" / "seed-100" / "results.json").read_text())
+    assert shared["meta_trained_by"] == "abmll/seed-100"
+    for method in methods:
+        assert _probabilities(out / method / "seed-100") == _probabilities(alone / method / "seed-100")

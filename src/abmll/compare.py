@@ -30,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from abmll.assets import portable_path
 from abmll.checkpoint import load_checkpoint
 from abmll.comparison_report import write_report
 from abmll.config import ABMLLConfig
-from abmll.errors import AbmllError, CheckpointError, ConfigError
+from abmll.errors import AbmllError, CheckpointError, ConfigError, RunLockedError
 from abmll.evaluation import (
     SCALARS,
     evaluate,
@@ -341,10 +342,15 @@ def run_comparison(
     resume: bool = False,
     progress: Progress | None = None,
     tracker: Tracker | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Run every (method, seed) cell not yet finished (with ``resume``), then write the pooled report.
-    ``tracker`` (:class:`abmll.tracking.Tracker`) gets every cell's meta-steps and metrics."""
-    with run_lock(out_dir) as out:  # a second comparison into the same folder fails at once
+    ``tracker`` (:class:`abmll.tracking.Tracker`) gets every cell's meta-steps and metrics.
+
+    Resumed comparisons into the same folder share its cells out: each runs the cells no other holds (a lock per
+    cell) and skips those another runs; a cell that shares another's meta-training (``abmll-icl``) waits for that
+    cell to finish. The one that finds every cell finished writes the report; the others return None (and log the
+    cells they left to others). A comparison that is not resumed holds the folder alone."""
+    with run_lock(out_dir, shared=resume) as out:  # without resume, a second comparison into it fails at once
         return _run_cells(comparison, out, resume, progress, tracker)
 
 
@@ -353,7 +359,7 @@ PREVIOUS_REPORT = ".previous-results.json"
 
 def _run_cells(
     comparison: Comparison, out: Path, resume: bool, progress: Progress | None, tracker: Tracker | None = None
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     # methods that share another's meta-training (abmll-icl) run after it, whatever the order asked for
     order = sorted(comparison.methods, key=lambda m: METHODS[m].meta_trained_as in comparison.methods)
     cells = [(m, s) for m in order for s in comparison.seeds]
@@ -362,7 +368,10 @@ def _run_cells(
         if (method_name, seed) not in todo:
             _check_kept_cell(comparison, method_name, seed, out / method_name / f"seed-{seed}")
     if (out / "results.json").is_file():  # set aside (not deleted) until the new report is written
-        (out / "results.json").replace(out / PREVIOUS_REPORT)
+        try:
+            (out / "results.json").replace(out / PREVIOUS_REPORT)
+        except FileNotFoundError:  # another worker of this comparison set it aside first
+            pass
     earlier = _earlier_timings(out) if resume else {}
     drawn = load_episodes(  # every seed's query set, drawn once: the data is checked before any cell runs
         comparison.data, comparison.test_tasks, comparison.k, comparison.seeds, comparison.query_size
@@ -375,14 +384,34 @@ def _run_cells(
         cell = out / method_name / f"seed-{seed}"
         if not resume and cell.exists() and any(cell.iterdir()):
             raise ConfigError(f"{cell} already holds results; pass --resume to keep them or choose another --out")
+        source = METHODS[method_name].meta_trained_as
+        if (cell / "results.json").is_file() or (
+            source in comparison.methods and not (out / source / f"seed-{seed}" / "results.json").is_file()
+        ):  # finished by another worker, or waiting for the θ it shares (run by another worker)
+            continue
         what, name = f"{method_name} seed {seed}", f"{method_name}/seed-{seed}"
-        if progress is not None:
-            progress(what, {"cell": name, "done": n, "total": len(todo)})
-        start = time.perf_counter()
-        run_cell(comparison, method_name, seed, cell, progress, tracker)
+        with ExitStack() as held:
+            try:
+                held.enter_context(run_lock(cell))
+            except RunLockedError:  # another worker of this comparison holds it: that one runs the cell
+                continue
+            if (cell / "results.json").is_file():
+                continue
+            if progress is not None:
+                progress(what, {"cell": name, "done": n, "total": len(todo)})
+            start = time.perf_counter()
+            run_cell(comparison, method_name, seed, cell, progress, tracker)
         if progress is not None:
             wall_s = round(time.perf_counter() - start, 3)
             progress(what, {"cell": name, "done": n + 1, "total": len(todo), "wall_s": wall_s})
+    left = [f"{m}/seed-{s}" for m, s in cells if not (out / m / f"seed-{s}" / "results.json").is_file()]
+    if left:
+        logger.warning(
+            "%s: %d cell(s) left to another abmll compare --resume into this folder (%s); the report is written by "
+            "the run that finds every cell finished (run it again when those are done)", out, len(left),
+            ", ".join(left),
+        )  # fmt: skip
+        return None
     report = write_report(comparison, out, _cell_timings(comparison, out, earlier))
     (out / PREVIOUS_REPORT).unlink(missing_ok=True)
     return report

@@ -81,10 +81,11 @@ _held_locks: dict[str, int] = {}
 
 # --- the output folder's lock ------------------------------------------------------------------------
 @contextmanager
-def run_lock(out_dir: str | Path) -> Iterator[Path]:
+def run_lock(out_dir: str | Path, shared: bool = False) -> Iterator[Path]:
     """Create ``out_dir`` and hold an exclusive ``fcntl.flock`` on ``OUT/.lock`` for the duration; raise
-    :class:`RunLockedError` at once when another process holds it. Re-entrant within one process; the
-    operating system releases it when the process ends, however it ends."""
+    :class:`RunLockedError` at once when another process holds it. ``shared``: a shared lock instead, which
+    other shared holders may hold too (workers of one resumed comparison) but an exclusive one may not.
+    Re-entrant within one process; the operating system releases it when the process ends, however it ends."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,7 @@ def run_lock(out_dir: str | Path) -> Iterator[Path]:
         raise ConfigError(f"output folder {out}: cannot open its lock file ({exc.strerror or exc})") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             raise RunLockedError(
                 f"output folder {out} is in use by another abmll run (it holds {out / LOCK_FILE}); wait for "

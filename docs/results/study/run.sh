@@ -4,7 +4,8 @@
 #   bash docs/results/study/run.sh tune        # 1. tune every method on the 'dev' tasks (never 'test')
 #   bash docs/results/study/run.sh tune abmll,maml tune-2 &  # a second worker: other methods, another folder,
 #   bash docs/results/study/run.sh merge tune-2              # whose finished studies are then copied into tune/
-#   bash docs/results/study/run.sh compare 16  # 2. the tuned comparison at k = 16 (then 4)
+#   bash docs/results/study/run.sh compare 16  # 2. the tuned comparison at k = 16 (then 4); run it twice at once
+#                                                 to share its cells out between two workers (abmll compare --resume)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 ABMLL=${ABMLL:-.venv/bin/abmll}

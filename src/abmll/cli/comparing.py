@@ -143,6 +143,9 @@ def _run_comparison(
                 report.update(work, record["done"], note=record["what"].split(": ", 1)[-1])
 
         results = run_comparison(comparison, out, resume=resume, progress=show, tracker=tracker)
+    if results is None:  # cells left to another worker of this comparison: the last one writes the report
+        console.print(f"no report yet: other runs into {out} hold cells ({time.perf_counter() - start:.0f} s)")
+        return
     from abmll.report import comparison_table
 
     results_console.print(comparison_table(results["methods"]), markup=False, highlight=False)
