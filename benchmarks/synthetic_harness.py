@@ -18,7 +18,8 @@ user's data would be:
    up to where the meta-validation stops.
 
 Every step resumes (``--resume`` of tune and compare; the written family is kept when it is the same), so a run
-can be accumulated over several sittings. Run from the repository root::
+can be accumulated over several sittings, and two runs at once share the comparisons' cells out (the one that
+finishes a comparison's last cell writes its report and truth table). Run from the repository root::
 
     .venv/bin/python benchmarks/synthetic_harness.py --family spread          # the full run
     .venv/bin/python benchmarks/synthetic_harness.py --family spread --quick  # a few minutes: a check
@@ -56,14 +57,14 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "beta-v1": {"objective.beta": 5e-10},
     "beta-v2": {"objective.beta": 1e-7},
     "straight-through-kl": {"inner.order": "straight_through_kl"},
-    "samples-1": {"predict.samples": 1},
-    "samples-4": {"predict.samples": 4},
-    "samples-16": {"predict.samples": 16},
-    "mean-mode": {"predict.mode": "mean"},
-    "k-test-1": {"inner.test_inner_steps": 1},
-    "k-test-4": {"inner.test_inner_steps": 4},
-    "k-test-16": {"inner.test_inner_steps": 16},
     "top-block-only": {"lora.layers": 1},
+    "mean-mode": {"predict.mode": "mean"},
+    "samples-1": {"predict.samples": 1},
+    "samples-16": {"predict.samples": 16},
+    "k-test-1": {"inner.test_inner_steps": 1},
+    "k-test-16": {"inner.test_inner_steps": 16},
+    "samples-4": {"predict.samples": 4},
+    "k-test-4": {"inner.test_inner_steps": 4},
 }
 ABLATION_K = 16
 
@@ -152,6 +153,8 @@ def main() -> None:
              *tuned, "--out", str(cell_out), "--resume"],
             commands,
         )  # fmt: skip
+        if not (ROOT / cell_out / "results.json").is_file():  # another worker holds cells: it writes the truth
+            continue
         table = truth_table(ROOT / bench, ROOT / cell_out)
         record = {"family": args.family, "k": k, "commands": commands, "versions": versions(), **table}
         write_json_atomic(ROOT / cell_out / "truth.json", record)
