@@ -245,3 +245,17 @@ def test_the_search_space_covers_every_method_with_ranges_its_config_accepts():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "TUNING.md").read_text(encoding="utf-8")
     for method, space in spaces.items():  # the documented tables name every method and field
         assert f"`{method}`" in doc and all(f"| `{name}` |" in doc for name in space), method
+
+
+def test_abmll_icl_shares_an_abmll_theta_that_meta_validation_stopped_early(study, tmp_path, caplog):
+    out = tmp_path / "cmp"
+    ok(invoke(
+        "compare", "--methods", "abmll,abmll-icl", "--preset", "smoke", "--data", study["data"], "--setting",
+        study["setting"], "--model", study["model"], "--k", 4, "--device", "cpu", "--out", out,
+        "--set", "meta.meta_steps=8", "--set", "meta.validate_every=1", "--set", "meta.patience=1",
+    ))  # fmt: skip
+    log = (out / "abmll" / "seed-100" / "train" / "log.jsonl").read_text().splitlines()
+    assert 1 < len(log) < 8  # stopped early by its meta-validation
+    assert not (out / "abmll-icl" / "seed-100" / "train").exists()
+    shared = json.loads((out / "abmll-icl" / "seed-100" / "results.json").read_text())
+    assert shared["meta_trained_by"] == "abmll/seed-100" and "not shared" not in caplog.text

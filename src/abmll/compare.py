@@ -212,8 +212,9 @@ Progress = Callable[[str, dict[str, Any]], None]
 def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLLConfig, out: Path) -> Path | None:
     """The finished θ (``train/final``) of the same seed's cell of the method whose meta-training
     ``method_name`` shares (:attr:`~abmll.methods.Method.meta_trained_as`), when that checkpoint verifies and
-    records exactly this config, model, data and tasks with every meta-step done; otherwise None (with a
-    warning when a checkpoint is there but does not qualify), and the method trains its own."""
+    records exactly this config, model, data and tasks with every meta-step done (or stopped early by its
+    meta-validation); otherwise None (with a warning when a checkpoint is there but does not qualify), and the
+    method trains its own."""
     source = METHODS[method_name].meta_trained_as
     final = out.parent.parent / source / out.name / "train" / "final" if source else None
     if final is None or not final.is_dir():
@@ -224,13 +225,15 @@ def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLL
         logger.warning("%s: not shared (%s); %s meta-trains its own θ", final, exc, method_name)
         return None
     sampler = ckpt["trainer_values"].get("sampler", {})
+    # a run that meta-validation stopped early (meta.patience) is finished at fewer meta-steps than its budget
+    stopped_early = bool((ckpt["info"].get("validation") or {}).get("stopped_early"))
     recorded = {
         "config": ckpt["config"].to_dict(),
         "model": ckpt["info"].get("model"),
         "data": ckpt["info"].get("data"),
         "columns": ckpt["info"].get("columns"),
         "tasks": sampler.get("tasks"),
-        "steps": sampler.get("position"),
+        "steps": config.meta.meta_steps if stopped_early else sampler.get("position"),
     }
     wanted = {
         "config": config.to_dict(),
