@@ -77,6 +77,16 @@ def run(command: list[str], log: list[str]) -> None:
     subprocess.run(command, check=True, cwd=ROOT)
 
 
+def compare_command(methods: str, data: list[str], k: int, size: dict[str, Any], rest: list[str]) -> list[str]:
+    """``abmll compare`` of ``methods`` at k, meta-trained to a plateau (validated every 25 meta-steps, patience 4,
+    at most ``size["steps"]``), resumed, with ``rest`` (tuned file, output folder, overrides) at the end."""
+    return [
+        ABMLL, "compare", "--methods", methods, *data, *SHARED, "--k", str(k),
+        "--set", f"meta.meta_steps={size['steps']}", "--set", "meta.validate_every=25", "--set", "meta.patience=4",
+        *rest, "--resume",
+    ]  # fmt: skip
+
+
 def markdown(table: dict[str, Any], family: str, k: int, commands: list[str]) -> str:
     def cell(r: dict[str, Any]) -> str:
         return f"{r['mean']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
@@ -148,11 +158,9 @@ def main() -> None:
     for k in size["ks"]:
         cell_out = out / f"k{k}"
         run(
-            [ABMLL, "compare", "--methods", f"zero-shot,icl,{args.methods},abmll-icl", *data, *SHARED, "--k", str(k),
-             "--set", f"meta.meta_steps={size['steps']}", "--set", "meta.validate_every=25", "--set", "meta.patience=4",
-             *tuned, "--out", str(cell_out), "--resume"],
+            compare_command(f"zero-shot,icl,{args.methods},abmll-icl", data, k, size, [*tuned, "--out", str(cell_out)]),
             commands,
-        )  # fmt: skip
+        )
         if not (ROOT / cell_out / "results.json").is_file():  # another worker holds cells: it writes the truth
             continue
         table = truth_table(ROOT / bench, ROOT / cell_out)
@@ -183,11 +191,11 @@ def ablate(args: argparse.Namespace, size: dict[str, Any], data: list[str], out:
         write_json_atomic(ROOT / variant / "tuned.json", {"abmll": values})
         sets = [arg for k, v in changes.items() if k not in searched for arg in ("--set", f"{k}={v}")]
         run(
-            [ABMLL, "compare", "--methods", "abmll", *data, *SHARED, "--k", str(ABLATION_K),
-             "--set", f"meta.meta_steps={size['steps']}", "--set", "meta.validate_every=25", "--set", "meta.patience=4",
-             *sets, "--tuned", str(variant / "tuned.json"), "--out", str(variant), "--resume"],
+            compare_command(
+                "abmll", data, ABLATION_K, size, [*sets, "--tuned", str(variant / "tuned.json"), "--out", str(variant)]
+            ),
             commands,
-        )  # fmt: skip
+        )
     # One table: each variant's abmll cells under its name, and the main comparison's abmll as "tuned".
     pooled = ROOT / folder / "pooled"
     if pooled.exists():
