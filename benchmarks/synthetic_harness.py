@@ -132,21 +132,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small run that checks the pipeline")
     parser.add_argument("--skip-tune", action="store_true", help="compare with the library's defaults")
     parser.add_argument("--ablations", action="store_true", help="then ABMLL's ablations at k = 16")
+    parser.add_argument("--test-tasks", type=int, help="unseen tasks of the family (default 32; 4 with --quick)")
+    parser.add_argument("--ks", type=int, nargs="+", help="shots of the comparisons (default 16 4)")
+    parser.add_argument("--tuned-from", type=Path, help="a tuning folder to reuse (its tuned.json) instead of tuning")
+    parser.add_argument(
+        "--k-test", type=int, help="every method takes this many test-time steps (its tuned α kept): equal K_test"
+    )
     args = parser.parse_args()
-    size = QUICK if args.quick else FULL
+    size = dict(QUICK if args.quick else FULL)
+    size.update({k: v for k, v in (("test", args.test_tasks), ("ks", args.ks)) if v is not None})
     family = SyntheticFamily.named(args.family)
     # Paths relative to the repository root, where the commands run: the recorded commands name no machine path.
     where = Path("runs") / ("synthetic-quick" if args.quick else "synthetic") / args.family
     out = args.out or (where / "results" if args.quick else Path("docs") / "results" / "synthetic" / args.family)
+    # The train and dev tasks do not depend on the number of test tasks: a tuning of the default benchmark serves.
+    folder = "benchmark" if args.test_tasks is None else f"benchmark-test{args.test_tasks}"
     bench = write_benchmark(
-        family, ROOT / where / "benchmark", train=size["train"], dev=size["dev"], test=size["test"],
+        family, ROOT / where / folder, train=size["train"], dev=size["dev"], test=size["test"],
         examples=size["examples"],
     ).relative_to(ROOT)  # fmt: skip
     data = ["--model", str(bench / "model"), "--data", str(bench / "data")]
     data += ["--setting", str(bench / "data" / "settings" / SETTING_FILE)]
     commands: list[str] = []
     tuned: list[str] = []
-    if not args.skip_tune:
+    if args.tuned_from is not None:
+        tuned = ["--tuned", str(args.tuned_from / "tuned.json")]
+    elif not args.skip_tune:
         tune_out = out / "tune"
         resume = ["--resume"] if (tune_out / "tune.db").exists() else []
         run(
@@ -155,12 +166,12 @@ def main() -> None:
             commands,
         )  # fmt: skip
         tuned = ["--tuned", str(tune_out / "tuned.json")]
+    if args.k_test is not None:
+        tuned = equal_k_test(tuned, args.k_test, out)
+    methods = f"zero-shot,icl,{args.methods},abmll-icl" if args.methods == METHODS else f"zero-shot,{args.methods}"
     for k in size["ks"]:
         cell_out = out / f"k{k}"
-        run(
-            compare_command(f"zero-shot,icl,{args.methods},abmll-icl", data, k, size, [*tuned, "--out", str(cell_out)]),
-            commands,
-        )
+        run(compare_command(methods, data, k, size, [*tuned, "--out", str(cell_out)]), commands)
         if not (ROOT / cell_out / "results.json").is_file():  # another worker holds cells: it writes the truth
             continue
         table = truth_table(ROOT / bench, ROOT / cell_out)
@@ -172,6 +183,19 @@ def main() -> None:
     if args.ablations:
         ablate(args, size, data, out, bench, commands)
     print(json.dumps({"out": str(out)}))
+
+
+def equal_k_test(tuned: list[str], k_test: int, out: Path) -> list[str]:
+    """``--tuned`` of a copy of the tuned file (written into ``out``) in which every method takes ``k_test``
+    test-time steps, each with its own tuned α: the methods then differ at equal K_test."""
+    values = json.loads((ROOT / tuned[1]).read_text()) if tuned else {}
+    for name, fields in values.items():
+        if isinstance(fields, dict) and name != "study":
+            fields["inner.test_inner_steps"] = k_test
+    (ROOT / out).mkdir(parents=True, exist_ok=True)
+    values["study"] = {**values.get("study", {}), "k_test": k_test, "tuned_from": tuned[1] if tuned else None}
+    write_json_atomic(ROOT / out / "tuned.json", values)
+    return ["--tuned", str(out / "tuned.json")]
 
 
 def ablate(args: argparse.Namespace, size: dict[str, Any], data: list[str], out: Path, bench: Path, log: list[str]):

@@ -55,6 +55,25 @@ def test_initial_sigma_equals_sigma_init_and_kl_is_zero(transform):
     assert kl_divergence(phi, theta, layers).item() == 0.0
 
 
+@pytest.mark.parametrize("transform", ["abs", "softplus", "exp"])
+def test_sigma_max_bounds_every_entry_smoothly(transform):
+    """Eq. 2b: σ < σ_max + c however large the pre-activation, equal to eq. 2's σ far below σ_max, and a finite
+    gradient everywhere (in log space under exp: no overflow at a pre-activation of 10⁴)."""
+    from abmll.bayes.layer import sigma_dense
+
+    offset = ABMLLConfig().override({"lora.sigma_transform": transform}).lora.sigma_offset
+    pre = torch.tensor([[-30.0, -5.0, 0.0, 5.0, 50.0, 1e4]], requires_grad=True)
+    one = torch.ones(1, 1)
+    bounded = sigma_dense(pre, one, torch.tensor(0.0), transform, offset, 1e-8, maximum=1.0)
+    free = sigma_dense(pre.detach(), one, torch.tensor(0.0), transform, offset, 1e-8)
+    assert torch.isfinite(bounded).all() and (bounded <= 1.0 + 1e-8).all()
+    assert (bounded <= free).all() and bounded[0, -1] > 0.99
+    small = free < 1e-3
+    torch.testing.assert_close(bounded[small], free[small], rtol=2e-3, atol=0)
+    bounded.sum().backward()
+    assert torch.isfinite(pre.grad).all()
+
+
 def test_mean_mode_at_initialisation_equals_base_model():
     config = make_config()
     base, tokenizer = tiny_llama(seed=3)

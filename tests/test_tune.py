@@ -101,6 +101,13 @@ def test_resume_adds_trials_to_the_same_study(study, tmp_path):
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 3  # the resumed draws are new ones
     assert json.loads((out / "tuned.json").read_text())["study"]["methods"]["lora-task"]["trials"] == 3
 
+    # A study written before a config field existed resumes: the field is not compared (as a comparison's cells).
+    kept = optuna.load_study(study_name="lora-task", storage=f"sqlite:///{out / 'tune.db'}")
+    setup = dict(kept.user_attrs["setup"])
+    setup["config"]["lora"].pop("sigma_max")
+    kept.set_user_attr("setup", setup)
+    ok(invoke(*tune_args(study, out, "lora-task", 4), "--resume"))
+
 
 def test_a_diverged_trial_counts_and_an_interrupted_one_is_run_again(study, tmp_path, monkeypatch):
     import abmll.tune

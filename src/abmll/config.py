@@ -77,6 +77,14 @@ class BayesLoRAConfig:
     sigma_init: float = field(
         default=1e-3, metadata={"help": "σ of every entry at initialisation (must be ≥ sigma_floor)."}
     )
+    sigma_max: float | None = field(
+        default=1.0,
+        metadata={
+            "help": "σ_max: a smooth upper bound on every entry of σ, σ = (1/σ' + 1/σ_max)⁻¹ + c with σ' = e^λ · g(·) "
+            "(eq. 2b; null: unbounded). Where the expected NLL is flat in an entry, nothing else stops σθ there "
+            "from drifting without end (docs/METHOD.md §8)."
+        },
+    )
     layers: int | None = field(
         default=None,
         metadata={
@@ -113,6 +121,13 @@ class BayesLoRAConfig:
                 self.sigma_init,
                 f"a number > sigma_floor ({self.sigma_floor}) with sigma_transform '{self.sigma_transform}'",
             )
+        if self.sigma_max is not None:
+            check(
+                is_number(self.sigma_max, self.sigma_init, strict=True),
+                "lora.sigma_max",
+                self.sigma_max,
+                f"a finite number > sigma_init ({self.sigma_init}), or null",
+            )
         if self.layers is not None:
             check(is_int(self.layers, 1), "lora.layers", self.layers, "an integer ≥ 1 or null")
         if isinstance(self.targets, str):
@@ -143,8 +158,11 @@ class BayesLoRAConfig:
 
     @property
     def sigma_offset(self) -> float:
-        """o = g⁻¹(σ_init − c), so that σ = g(0 + o) + c = σ_init when B_σ = 0."""
+        """o = g⁻¹(σ'₀) with σ'₀ = σ_init − c, or (eq. 2b) σ'₀ = (1/(σ_init − c) − 1/σ_max)⁻¹, so that σ = σ_init
+        when B_σ = 0 and λ = 0."""
         target = self.sigma_init - self.sigma_floor
+        if self.sigma_max is not None and target > 0:
+            target = 1.0 / (1.0 / target - 1.0 / self.sigma_max)
         if self.sigma_transform == "abs":
             return target
         if self.sigma_transform == "exp":

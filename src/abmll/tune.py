@@ -42,6 +42,7 @@ from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError, NonFiniteError
 from abmll.methods import METHODS, get_method, method_config
 from abmll.progress import Reporter
+from abmll.tracking import flatten
 from abmll.validation import dev_episodes
 
 logger = logging.getLogger("abmll.tune")
@@ -356,7 +357,10 @@ def run_tuning(
             if method not in todo:  # kept as it is: its search space is not compared
                 recorded.pop("search_space", None)
                 wanted.pop("search_space")
+            # A config field the study's abmll did not know yet is not compared (as a comparison's kept cells).
+            ran, now = flatten(recorded.pop("config", {})), flatten(wanted.pop("config"))
             differ = sorted(key for key in set(recorded) | set(wanted) if recorded.get(key) != wanted.get(key))
+            differ += sorted(f"config {key}" for key in now if key in ran and ran[key] != now[key])
             if differ:
                 raise ConfigError(
                     f"{db}: the study of {method} was run with other {', '.join(differ)}; resume with the same "

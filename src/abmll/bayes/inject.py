@@ -86,6 +86,7 @@ def inject(
                 sigma_floor=config.sigma_floor,
                 sigma_offset=config.sigma_offset,
                 layer_index=index,
+                sigma_max=config.sigma_max,
             )
         else:
             layer = LoRALinear(base, d_in, d_out, rank=config.rank, scaling=config.scaling, layer_index=index)

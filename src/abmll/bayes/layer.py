@@ -5,11 +5,15 @@ Per adapted layer (METHOD.md section 1), with factor pairs ``B ∈ R^{d_out×r}`
 
     μ = s · B_μ A_μ                    (s = alpha / r)                          (eq. 1)
     σ = e^λ · g(B_σ A_σ + o) + c       (g ∈ {abs, softplus, exp}, floor c)      (eq. 2)
+    σ ← (1/σ' + 1/σ_max)⁻¹ + c         σ' = e^λ g(·): the bound σ < σ_max + c   (eq. 2b)
     ΔW = μ + σ ⊙ ε,  ε ~ N(0, I)       one weight sample for the whole pass     (eq. 3)
     y = base(x) + x ΔWᵀ                the base layer's own forward is kept     (eq. 4)
 
 λ is a learnable log-scale per layer (0 at initialisation): it moves σ of the whole layer by relative amounts,
 with a gradient that sums over every entry, so σ can learn at a useful rate from any σ_init (METHOD.md §1).
+σ_max (``lora.sigma_max``) bounds every entry smoothly: far below it σ is eq. 2's, near it σ levels off. Where
+the expected NLL is flat in an entry of ΔW, nothing in eq. 8 stops σθ there from drifting without end under AdamW
+(docs/METHOD.md §8–9).
 The layer's own parameters are the global prior θ. A task posterior φ (the same factors, plain tensors) is
 bound to the layer for the duration of a forward pass with :func:`abmll.bayes.inject.posterior`; the model
 is never copied. What the layer computes is set by two attributes: ``posterior`` (factors to use instead of
@@ -48,18 +52,26 @@ def sigma_dense(
     transform: str,
     offset: float,
     floor: float,
+    maximum: float | None = None,
 ) -> torch.Tensor:
-    """σ = e^λ · g(B_σ A_σ + o) + c (eq. 2), dense ``[d_out, d_in]``; λ = ``sigma_scale``."""
+    """σ = e^λ · g(B_σ A_σ + o) + c (eq. 2), dense ``[d_out, d_in]``; λ = ``sigma_scale``; with ``maximum``
+    (σ_max) the bounded σ = (1/σ' + 1/σ_max)⁻¹ + c of σ' = e^λ · g(·) (eq. 2b), in log space under ``exp``."""
     pre = sigma_B @ sigma_A + offset
+    if transform == "exp":
+        log_sigma = sigma_scale + pre
+        if maximum is not None:  # log (1/σ' + 1/σ_max)⁻¹ = −logaddexp(−log σ', −log σ_max): no overflow
+            log_sigma = -torch.logaddexp(-log_sigma, torch.full_like(log_sigma, -math.log(maximum)))
+        return log_sigma.exp() + floor
     if transform == "abs":
         g = pre.abs()
     elif transform == "softplus":
         g = F.softplus(pre)
-    elif transform == "exp":
-        g = pre.exp()
     else:
         raise ValueError(f"unknown sigma transform {transform!r}")
-    return sigma_scale.exp() * g + floor
+    sigma = sigma_scale.exp() * g
+    if maximum is not None:
+        sigma = sigma * maximum / (sigma + maximum)
+    return sigma + floor
 
 
 def _uniform(tensor: torch.Tensor, bound: float, generator: torch.Generator | None) -> None:
@@ -173,11 +185,13 @@ class BayesLoRALinear(LoRALinear):
         sigma_floor: float,
         sigma_offset: float,
         layer_index: int,
+        sigma_max: float | None = None,
     ) -> None:
         super().__init__(base_layer, in_features, out_features, rank, scaling, layer_index)
         self.sigma_transform = sigma_transform
         self.sigma_floor = sigma_floor
         self.sigma_offset = sigma_offset
+        self.sigma_max = sigma_max
 
     def add_factors(self) -> None:
         super().add_factors()
@@ -197,9 +211,13 @@ class BayesLoRALinear(LoRALinear):
 
     @property
     def initial_sigma(self) -> float:
-        """σ_init: σ of every entry at initialisation (B_σ = 0, λ = 0), g(o) + c (eq. 2)."""
+        """σ_init: σ of every entry at initialisation (B_σ = 0, λ = 0), g(o) + c (eqs. 2, 2b)."""
         zero = torch.zeros(1, 1, dtype=torch.float64)
-        return float(sigma_dense(zero, zero, zero[0, 0], self.sigma_transform, self.sigma_offset, self.sigma_floor))
+        return float(
+            sigma_dense(
+                zero, zero, zero[0, 0], self.sigma_transform, self.sigma_offset, self.sigma_floor, self.sigma_max
+            )
+        )
 
     def sigma(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         return sigma_dense(
@@ -209,6 +227,7 @@ class BayesLoRALinear(LoRALinear):
             self.sigma_transform,
             self.sigma_offset,
             self.sigma_floor,
+            self.sigma_max,
         )
 
     def noise(self, seed: int, device: torch.device) -> torch.Tensor:
@@ -268,4 +287,5 @@ class BayesLoRALinear(LoRALinear):
         return (
             f"{super().extra_repr()}, "
             f"sigma={self.sigma_transform}(BA{self.sigma_offset:+.3g})+{self.sigma_floor:.3g}"
+            + ("" if self.sigma_max is None else f" < {self.sigma_max:.3g}")
         )
