@@ -114,6 +114,25 @@ def markdown(table: dict[str, Any], family: str, k: int, commands: list[str]) ->
         f"The teachers' entropy, the expected NLL of the Bayes-optimal predictor on these queries: "
         f"{cell(refs['teacher_entropy']['mean'])} nats.",
         "",
+    ]
+    labels = table.get("labels", {})
+    if labels:
+        lines += [
+            "Against the sampled labels (the comparison's own metrics, per task: the mean gold NLL of its queries and "
+            "its ECE, 15 bins, averaged over seeds), mean and 95 % t-interval across tasks:",
+            "",
+            "| predictor | NLL | ABMLL − it | ECE | ABMLL − it |",
+            "|---|---|---|---|---|",
+        ]
+        nll, ece = labels["nll"], labels["ece"]
+        for name, result in sorted(nll["methods"].items(), key=lambda kv: kv[1]["mean"]["mean"]):
+            paired = [part["paired"].get(name) for part in (nll, ece)]
+            lines.append(
+                f"| {name} | {cell(result['mean'])} | {cell(paired[0]) if paired[0] else '—'} | "
+                f"{cell(ece['methods'][name]['mean'])} | {cell(paired[1]) if paired[1] else '—'} |"
+            )
+        lines.append("")
+    lines += [
         "Commands:",
         "",
         "```bash",

@@ -236,3 +236,17 @@ def test_the_harness_on_the_written_benchmark_scores_as_the_family(written, tmp_
     assert lora != pytest.approx(zero["tasks"], abs=1e-4)  # adapted: not W0
     paired = table["paired"]["zero-shot"]["mean"]
     assert paired == pytest.approx(sum(lora[t] - zero["tasks"][t] for t in lora) / 2)
+    # Against the sampled labels: a task's NLL is the mean gold NLL of its queries, its ECE that of its one seed.
+    from abmll.metrics import expected_calibration_error
+
+    labels = table["labels"]
+    for task in zero["tasks"]:
+        mine = [r for r in rows if r["task"] == task]
+        nll = sum(-math.log(r["probs"][r["gold"]]) for r in mine) / len(mine)
+        assert labels["nll"]["methods"]["zero-shot"]["tasks"][task] == pytest.approx(nll)
+        ece = expected_calibration_error([r["probs"] for r in mine], [r["gold"] for r in mine])
+        assert labels["ece"]["methods"]["zero-shot"]["tasks"][task] == pytest.approx(ece)
+    lora_nll, zero_nll = (labels["nll"]["methods"][m]["tasks"] for m in ("lora-task", "zero-shot"))
+    assert labels["nll"]["paired"]["zero-shot"]["mean"] == pytest.approx(
+        sum(lora_nll[t] - zero_nll[t] for t in lora_nll) / 2
+    )

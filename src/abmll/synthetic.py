@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -39,7 +40,7 @@ import torch
 
 from abmll.checkpoint import versions, write_json_atomic
 from abmll.errors import ConfigError
-from abmll.metrics import mean_interval
+from abmll.metrics import expected_calibration_error, mean_interval
 from abmll.scoring import Scorer
 from abmll.tasks.data import Example, Task
 from abmll.tasks.readers import write_metaicl_task
@@ -319,8 +320,11 @@ def truth_table(benchmark: str | Path, comparison: str | Path, against: str = "a
     over tasks with a 95 % t-interval across tasks (the family's tasks are independent draws); the same for
     the references (the mean teacher: a perfect prior with no adaptation; W0: zero-shot) on the same query
     examples, and the teacher's entropy (the expected NLL of the Bayes-optimal predictor); and ``paired``:
-    ``against`` minus each other method per task, with its interval. Reads ``OUT/{method}/seed-*/
-    predictions.jsonl`` of ``abmll compare``; an example id missing from ``truth.jsonl`` is an error."""
+    ``against`` minus each other method per task, with its interval. ``labels`` holds the same per method for
+    the comparison's own metrics against the sampled labels: ``nll`` (the mean gold NLL of a task's queries) and
+    ``ece`` (a task's ECE, 15 bins, averaged over seeds), each with its ``paired`` differences across tasks.
+    Reads ``OUT/{method}/seed-*/predictions.jsonl`` of ``abmll compare``; an example id missing from
+    ``truth.jsonl`` is an error."""
     benchmark, comparison = Path(benchmark), Path(comparison)
     truth = {}
     with open(benchmark / "truth.jsonl", encoding="utf-8") as fh:
@@ -328,17 +332,27 @@ def truth_table(benchmark: str | Path, comparison: str | Path, against: str = "a
             row = json.loads(line)
             truth[row["id"]] = row
     methods: dict[str, dict[str, list[float]]] = {}
+    # Against the sampled labels: per method and task, the gold NLL of every query and the ECE of each seed.
+    labels: dict[str, dict[str, dict[str, list[float]]]] = {"nll": {}, "ece": {}}
     asked: dict[str, set[str]] = {}
     for path in sorted(comparison.glob("*/seed-*/predictions.jsonl")):
-        per_task = methods.setdefault(path.parent.parent.name, {})
+        name = path.parent.parent.name
+        per_task = methods.setdefault(name, {})
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         missing = [r["id"] for r in rows if r["id"] not in truth]
         if missing:
             raise ConfigError(f"{path}: example {missing[0]!r} is not in {benchmark / 'truth.jsonl'}")
         kls = _kl_rows([truth[r["id"]]["teacher"] for r in rows], [r["probs"] for r in rows])
+        by_task: dict[str, list[dict[str, Any]]] = {}
         for r, kl in zip(rows, kls, strict=True):
             per_task.setdefault(r["task"], []).append(kl)
             asked.setdefault(r["task"], set()).add(r["id"])
+            by_task.setdefault(r["task"], []).append(r)
+        for task, task_rows in by_task.items():
+            probs, gold = [r["probs"] for r in task_rows], [r["gold"] for r in task_rows]
+            nll = labels["nll"].setdefault(name, {}).setdefault(task, [])
+            nll.extend(-math.log(max(p[g], 1e-12)) for p, g in zip(probs, gold, strict=True))
+            labels["ece"].setdefault(name, {}).setdefault(task, []).append(expected_calibration_error(probs, gold))
     if not methods:
         raise ConfigError(f"{comparison}: no */seed-*/predictions.jsonl of abmll compare")
     references: dict[str, dict[str, list[float]]] = {"mean_teacher": {}, "base": {}, "teacher_entropy": {}}
@@ -359,13 +373,17 @@ def truth_table(benchmark: str | Path, comparison: str | Path, against: str = "a
         "references": {name: summary(per_task) for name, per_task in references.items()},
         "paired": {},
     }
-    if against in methods:
-        mine = table["methods"][against]["tasks"]
-        for name, result in table["methods"].items():
-            shared = sorted(set(mine) & set(result["tasks"]))
-            if name != against and shared:
-                diffs = [mine[t] - result["tasks"][t] for t in shared]
-                table["paired"][name] = mean_interval(diffs)
+    table["labels"] = {
+        metric: {"methods": {name: summary(per_task) for name, per_task in sorted(values.items())}, "paired": {}}
+        for metric, values in labels.items()
+    }
+    for part in (table, *table["labels"].values()):
+        if against in part["methods"]:
+            mine = part["methods"][against]["tasks"]
+            for name, result in part["methods"].items():
+                shared = sorted(set(mine) & set(result["tasks"]))
+                if name != against and shared:
+                    part["paired"][name] = mean_interval([mine[t] - result["tasks"][t] for t in shared])
     return table
 
 
