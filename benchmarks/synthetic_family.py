@@ -42,32 +42,13 @@ from abmll.checkpoint import versions
 from abmll.errors import NonFiniteError
 from abmll.methods import method_config
 from abmll.metrics import macro_average, mean_interval, task_metrics
-from abmll.synthetic import FAMILIES, SyntheticFamily, predictive_kl
+from abmll.synthetic import FAMILIES, FRESH, FreshTasks, SyntheticFamily, predictive_kl
 
 SECTION = "synthetic_family"
 JSON_PATH = Path(__file__).with_name("synthetic_family.json")
 METRICS = ("nll", "ece", "accuracy", "kl_task")
 REFERENCES = ("teacher", "mean teacher", "base")
 QUICK = {"steps": 4, "train_tasks": 8, "test_tasks": 6, "seeds": [100, 13], "probe": 64}
-#: The first task index of --fresh-tasks' meta-training tasks: far above every training, test and validation index.
-FRESH = 1_000_000
-
-
-class FreshTasks:
-    """Meta-batches of tasks drawn afresh at every meta-step (``--fresh-tasks``): task ``FRESH + step · T + j``
-    of the family, its examples drawn with the run's seed, so no example is seen twice and a spread family's
-    teachers never repeat. A pure function of (seed, step), like :class:`~abmll.MetaBatchSampler`."""
-
-    def __init__(self, family: SyntheticFamily, support: int, query: int, meta_batch_size: int, seed: int) -> None:
-        self.family, self.support, self.query = family, support, query
-        self.meta_batch_size, self.seed = meta_batch_size, seed
-
-    def meta_batch(self, step: int) -> list:
-        first = FRESH + step * self.meta_batch_size
-        tasks = self.family.tasks(range(first, first + self.meta_batch_size), self.support + self.query, self.seed)
-        return [make_episode(t, self.support, self.seed, query_size=self.query) for t in tasks]
-
-
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """``["inner.inner_lr=0.05", …]`` → ``{"inner.inner_lr": 0.05, …}`` (values parsed as JSON when they can be)."""
     out: dict[str, Any] = {}

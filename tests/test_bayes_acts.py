@@ -16,7 +16,7 @@ from abmll.cli import app
 from abmll.config import ABMLLConfig
 from abmll.methods import create_method
 from abmll.scoring import Scorer
-from abmll.synthetic import SyntheticFamily, predictive_kl
+from abmll.synthetic import FreshTasks, SyntheticFamily, predictive_kl
 from abmll.tasks.data import MetaBatchSampler
 
 TRAIN_TASKS = [f"fam{i}" for i in range(4)]
@@ -90,7 +90,10 @@ def trained():
 
 def test_sigma_theta_learns_and_is_wider_on_the_spread_family(trained):
     """Every adapted layer's mean σθ moves ≥ 2× from σ_init on the spread family, and the mean σθ over every
-    entry is ≥ 2× larger there than on the identical family (before the fix: within 0.04 % per meta-step)."""
+    entry is ≥ 2× larger there than on the identical family (before the fix: within 0.04 % per meta-step). The
+    second holds in this setting (48 fixed tasks of 96 labels per family, seed 0, 120 meta-steps), not in general:
+    over 3 seeds with new tasks at every meta-step the two families' mean σθ come out about equal (docs/METHOD.md
+    §9, section `synthetic_family_fresh_support64_bounded` of benchmarks/RESULTS.md)."""
     sigma = {name: _mean_sigma(method, method.theta) for name, (_, method) in trained.items()}
     init = trained["spread"][1].config.lora.sigma_init
     for layer, s in sigma["spread"].items():
@@ -109,18 +112,30 @@ def test_sigma_phi_leaves_sigma_theta_on_an_informative_support_set(trained):
     assert max(abs(c) for c in change.values()) >= 0.05, change
 
 
-def test_the_prior_mean_recovers_the_family_mean_teacher(trained):
+@pytest.fixture(scope="module")
+def trained_on_fresh_tasks():
+    """ABMLL meta-trained for 200 meta-steps on the identical family with new tasks at every meta-step (no label
+    seen twice), seed 100: the setting of `benchmarks/synthetic_family.py --fresh-tasks` (docs/METHOD.md §9)."""
+    family = SyntheticFamily.named("identical")
+    config = ABMLLConfig().override({**TRAINING, "meta.sigma_lr": 0.03, "seed": 100})
+    model, tokenizer = family.base_model()
+    method = create_method("abmll", model, Scorer(tokenizer, config.scoring), config)
+    method.meta_train(FreshTasks(family, 64, 16, 4, seed=100), steps=200)
+    return family, method
+
+
+def test_the_prior_mean_recovers_the_family_mean_teacher(trained_on_fresh_tasks):
     """On the identical family the model at μθ (no adaptation, ΔW = μθ) moves most of the way from W0 to the mean
-    teacher W0 + M on fresh inputs: its predictive KL is ≤ 30 % of the base model's (0.216 measured at these 120
-    meta-steps; the issue's target, 20 %, is measured with 3 seeds by benchmarks/synthetic_family.py)."""
-    family, method = trained["identical"]
+    teacher W0 + M on fresh inputs: its predictive KL is ≤ 20 % of the base model's (the issue's target; with σ
+    bounded, 0.154, 0.180 and 0.153 in the 3 seeds of benchmarks/synthetic_family.py, this one's setting)."""
+    family, method = trained_on_fresh_tasks
     probe = family.probe(256, seed=1)
     teacher = family.probs(probe, family.delta())
     with torch.no_grad(), posterior(method.model, None), weight_sample(method.model, None):
         scores = [method.scorer(method.model, probe[i : i + 64]) for i in (0, 64, 128, 192)]
     at_mean = torch.softmax(torch.cat(scores), -1)
     ratio = predictive_kl(teacher, at_mean) / predictive_kl(teacher, family.probs(probe))
-    assert ratio <= 0.3, ratio
+    assert ratio <= 0.2, ratio
 
 
 # --- σθ stays bounded where noise lowers the expected NLL ---------------------------------------------------

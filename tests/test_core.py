@@ -245,6 +245,31 @@ def test_inner_steps_lower_the_support_loss(toy_examples):
     assert losses[-1] < losses[-2] < losses[0] - 0.1, losses
 
 
+def test_backtracking_undoes_a_step_that_overshoots_on_the_kl_curvature(toy_examples):
+    """Eq. 7c. Where σθ is small the KL's curvature β/σθ² makes plain SGD overshoot: the support loss rises to
+    10¹⁰ and on to NaN. With backtracking each such step is taken again at half the size and the loss stays bounded;
+    where nothing overshoots (β = 0 here) the two loops are the same."""
+    config = make_config(**{"lora.sigma_init": 1e-5, "objective.beta": 1e-6})
+    model, scorer = adapted_tiny(config)
+    theta = prior(model)
+    _perturb({k: v for k, v in theta.items() if "mu_" in k}, seed=0)  # μθ ≠ 0: the inner loop moves μφ off it
+
+    def run(backtrack, beta=1e-6):
+        losses: list[float] = []
+        phi = adapt(model, theta, toy_examples, scorer, steps=8, lr=0.1, beta=beta, seeds=lambda k: [1000 + k],
+                    micro_batch_size=4, losses=losses, sigma_lr=10.0, backtrack=backtrack)  # fmt: skip
+        return phi, losses
+
+    _, plain = run(None)
+    assert not all(math.isfinite(x) and x < 1e3 for x in plain), plain  # it overshoots without backtracking
+    phi, guarded = run(1.25)
+    steps = zip(guarded, guarded[1:], strict=False)
+    assert all(math.isfinite(b) and b <= 1.25 * a for a, b in steps), guarded  # every step
+    assert any(not torch.equal(phi[k], theta[k]) for k in phi)  # and it moved
+    (phi_a, a), (phi_b, b) = run(None, beta=0.0), run(1.25, beta=0.0)
+    assert a == b and all(torch.equal(phi_a[k], phi_b[k]) for k in phi_a)
+
+
 def _episode(examples):
     return Episode("toy", examples[:6], examples[6:])
 

@@ -241,6 +241,14 @@ class InnerConfig:
     inner_samples: int = field(
         default=1, metadata={"help": "Weight samples ε averaged in each inner step's Monte Carlo estimate."}
     )
+    backtrack: float | None = field(
+        default=1.25,
+        metadata={
+            "help": "An inner step after which the support loss is not finite or more than this many times the loss "
+            "before it is taken again at half the step sizes, which stay halved for the rest of the loop (eq. 7c); "
+            "null never undoes a step. The KL's curvature β/σθ² makes plain SGD diverge where σθ is small."
+        },
+    )
     order: str = field(
         default="first_order",
         metadata={
@@ -258,6 +266,8 @@ class InnerConfig:
             self.inner_steps,
             "an integer ≥ 0",
         )
+        if self.backtrack is not None:
+            check(is_number(self.backtrack, 1, strict=True), "inner.backtrack", self.backtrack, "a number > 1 or null")
         check(
             is_int(self.test_inner_steps, 0),
             "inner.test_inner_steps",

@@ -10,6 +10,14 @@ The likelihood's gradient on log σ is σ times its gradient on ΔW: one α cann
 fixed α_σ would take ever larger steps as σθ learns. Eq. 7b keeps a step's size on log σ the same at any σθ
 (docs/METHOD.md §8).
 
+A step after which the support loss is not finite or more than ``backtrack`` (b) times the loss before it is
+taken again at half the step sizes, until it is not, and α and α_σ stay halved for the rest of the loop:
+
+    while not L(φᵏ⁺¹) ≤ b · L(φᵏ):   α ← α/2, α_σ ← α_σ/2,   φᵏ⁺¹ ← φᵏ − α ∇ …                    (eq. 7c)
+
+The KL's curvature in μφ is β/σθ²: where σθ is small, plain SGD overshoots and diverges (docs/METHOD.md §8).
+A loop that never overshoots is unchanged.
+
 Every weight sample ε is drawn from a seed derived from the run's seed and the sample's coordinates
 (meta-step, task, inner step, sample), never from a global generator state: the same run gives the same ε
 in one process or spread across ranks, and after a resume.
@@ -114,9 +122,14 @@ def adapt(
     create_graph: bool = False,
     losses: list[float] | None = None,
     sigma_lr: float | None = None,
+    backtrack: float | None = None,
 ) -> Factors:
     """φᴷ by K steps of plain SGD from θ on the support set (eq. 7), step α = ``lr`` on the mean factors and
-    α_σ,l of eq. 7b (``sigma_lr`` = α_σ) on the σ factors; with ``sigma_lr`` None, α on every factor.
+    α_σ,l of eq. 7b (``sigma_lr`` = α_σ) on the σ factors; with ``sigma_lr`` None, α on every factor. With
+    ``backtrack`` (b), a step that raises the support loss above b times the loss before it (or to a non-finite
+    value) is taken again from where it started at half the step sizes, until it does not, and the step sizes stay
+    halved (eq. 7c). Each step is checked by the loss that the next step's gradient computes anyway, the last one
+    by the loss after it: a loop that never overshoots costs one forward pass more, and gives the same φᴷ.
 
     ``seeds(k)`` gives the weight-sample seeds of step k (``[None]`` for a deterministic LoRA).
     With ``create_graph`` (second order) φᴷ stays a differentiable function of θ; otherwise φ⁰ is a
@@ -128,20 +141,49 @@ def adapt(
     prior_side = theta if create_graph else {k: v.detach() for k, v in theta.items()}
     if sigma_lr is not None:
         sigma_lr = sigma_step_sizes(bayes_layers(model), prior_side, sigma_lr)
+    before: tuple[Factors, float, list] | None = None  # φᵏ⁻¹, its loss and gradient: where a step is undone to
     for k in range(steps if support else 0):
         value, grads = support_gradient(
             model, phi, prior_side, support, scorer, seeds(k), beta, micro_batch_size, create_graph
         )
+        while before is not None and backtrack is not None and not value <= backtrack * before[1]:
+            lr, sigma_lr = _halved(lr, sigma_lr)  # eq. 7c: the last step overshot; take it again at half the size
+            if lr < 1e-12:  # not an overshoot that a smaller step cures: stay at φᵏ⁻¹
+                phi, value, grads = before
+                break
+            phi = sgd_step(before[0], before[2], lr, create_graph, sigma_lr)
+            value, grads = support_gradient(
+                model, phi, prior_side, support, scorer, seeds(k), beta, micro_batch_size, create_graph
+            )
         if losses is not None:
             losses.append(value)
+        before = (phi, value, grads)
         phi = sgd_step(phi, grads, lr, create_graph, sigma_lr)
-    if losses is not None and support and steps > 0:
+    if support and steps > 0 and (losses is not None or backtrack is not None):
         with torch.no_grad():
             value = float(likelihood(model, phi, support, scorer, seeds(0), micro_batch_size))
             if beta > 0:
                 value += beta * float(kl_divergence(phi, prior_side, bayes_layers(model)))
-        losses.append(value)
+        while backtrack is not None and not value <= backtrack * before[1]:
+            lr, sigma_lr = _halved(lr, sigma_lr)  # the last step overshot: halve it until it does not
+            phi = sgd_step(before[0], before[2], lr, create_graph, sigma_lr)
+            with torch.no_grad():
+                value = float(likelihood(model, phi, support, scorer, seeds(0), micro_batch_size))
+                if beta > 0:
+                    value += beta * float(kl_divergence(phi, prior_side, bayes_layers(model)))
+            if lr < 1e-12:  # not an overshoot that a smaller step cures: keep φᴷ⁻¹
+                phi = before[0]
+                break
+        if losses is not None:
+            losses.append(value)
     return phi
+
+
+def _halved(lr: float, sigma_lr: float | Mapping[str, float] | None):
+    """α/2 and α_σ/2 (eq. 7c)."""
+    if isinstance(sigma_lr, Mapping):
+        return lr / 2, {name: rate / 2 for name, rate in sigma_lr.items()}
+    return lr / 2, None if sigma_lr is None else sigma_lr / 2
 
 
 @torch.no_grad()

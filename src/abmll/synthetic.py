@@ -42,7 +42,7 @@ from abmll.checkpoint import versions, write_json_atomic
 from abmll.errors import ConfigError
 from abmll.metrics import expected_calibration_error, mean_interval
 from abmll.scoring import Scorer
-from abmll.tasks.data import Example, Task
+from abmll.tasks.data import Episode, Example, Task, make_episode
 from abmll.tasks.readers import write_metaicl_task
 from abmll.tiny import TINY_WORDS, tiny_llama
 
@@ -212,6 +212,25 @@ class SyntheticFamily:
 
     def tasks(self, indices: Sequence[int], n: int, seed: int = 0) -> list[Task]:
         return [self.task(i, n, seed) for i in indices]
+
+
+#: The first task index of :class:`FreshTasks`: far above every training, dev and test index of a benchmark.
+FRESH = 1_000_000
+
+
+class FreshTasks:
+    """Meta-batches of tasks drawn afresh from a family at every meta-step: task ``FRESH + step · T + j`` with
+    ``support + query`` examples drawn with ``seed``, so no example is seen twice and a spread family's teachers never
+    repeat. A pure function of (seed, step), like :class:`~abmll.tasks.data.MetaBatchSampler` (its stand-in)."""
+
+    def __init__(self, family: SyntheticFamily, support: int, query: int, meta_batch_size: int, seed: int) -> None:
+        self.family, self.support, self.query = family, support, query
+        self.meta_batch_size, self.seed = meta_batch_size, seed
+
+    def meta_batch(self, step: int) -> list[Episode]:
+        first = FRESH + step * self.meta_batch_size
+        tasks = self.family.tasks(range(first, first + self.meta_batch_size), self.support + self.query, self.seed)
+        return [make_episode(t, self.support, self.seed, query_size=self.query) for t in tasks]
 
 
 #: The named families: the same mean teacher, tasks identical (s = 0) or spread far around it (s large) along one
@@ -388,6 +407,6 @@ def truth_table(benchmark: str | Path, comparison: str | Path, against: str = "a
 
 
 __all__ = [
-    "FAMILIES", "INPUT_WORDS", "OPTION_WORDS", "SETTING_FILE", "SyntheticFamily", "predictive_kl", "truth_table",
-    "write_benchmark",
+    "FAMILIES", "FRESH", "INPUT_WORDS", "OPTION_WORDS", "SETTING_FILE", "FreshTasks", "SyntheticFamily",
+    "predictive_kl", "truth_table", "write_benchmark",
 ]

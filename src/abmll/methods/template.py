@@ -126,6 +126,7 @@ class MetaLearner(Method):
             micro_batch_size=self.config.meta.micro_batch_size,
             create_graph=create_graph,
             losses=losses,
+            backtrack=inner.backtrack,
         )
 
     # --- a task's contribution (the hook) ------------------------------------------------------------
