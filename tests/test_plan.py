@@ -181,15 +181,15 @@ def test_first_order_memory_does_not_depend_on_inner_steps_and_samples_add_one_g
     model, _ = tiny_llama()
     plans = {
         (k, s): plan(model.config, batch=4, seq_len=8, read_tokens=1, inner_steps=k, samples=s)
-        for k, s in ((1, 1), (5, 1), (5, 4))
+        for k, s in ((2, 1), (5, 1), (5, 4))
     }
     peaks = {key: p.peak for key, p in plans.items()}
-    assert peaks[(1, 1)] == peaks[(5, 1)]
+    assert peaks[(2, 1)] == peaks[(5, 1)]  # from K = 2 on: the previous φ that backtracking keeps is there at any K
     # several weight samples per inner step: the running sum of their gradients, at most a θ-sized buffer or two
     assert 0 <= peaks[(5, 4)] - peaks[(5, 1)] <= 2 * plans[(5, 4)].memory["theta"]
     second = [plan(model.config, batch=4, seq_len=8, read_tokens=1, inner_steps=k, order="second_order").peak
               for k in (1, 2)]
-    assert second[1] > second[0] > peaks[(1, 1)]
+    assert second[1] > second[0] > plan(model.config, batch=4, seq_len=8, read_tokens=1, inner_steps=1).peak
 
 
 # --- the command ------------------------------------------------------------------------------------------
@@ -256,6 +256,16 @@ def test_plan_on_smollm2_counts_exactly_and_is_within_20_percent(smollm2, kind):
     assert abs(estimate.step_rise / measured - 1) <= TOLERANCE, (format_bytes(estimate.step_rise), measured)
     if kind == "short":  # the plan reads the config alone: the same numbers from the embedded model's name
         by_name = plan(
-            "smollm2-135m", batch=estimate.batch, seq_len=estimate.seq_len, read_tokens=estimate.read_tokens
+            "smollm2-135m", batch=estimate.batch, seq_len=estimate.seq_len, read_tokens=estimate.read_tokens,
+            inner_steps=1,
         )
         assert by_name.peak == estimate.peak
+
+
+def test_the_bound_on_sigma_costs_no_memory():
+    """Eq. 2b keeps no more for the backward pass than eq. 2 does (a log-space form kept three dense tensors a layer:
+    the planned peak of an all-linear Llama3-8B meta-step rose from 154 to 206 GiB)."""
+    model, _ = tiny_llama()
+    shape = {"batch": 4, "seq_len": 8, "read_tokens": 1, "targets": "all-linear"}
+    peaks = [plan(model.config, **shape, overrides={"lora.sigma_max": m}).peak for m in (None, 1.0)]
+    assert peaks[1] <= peaks[0], peaks

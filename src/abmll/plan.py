@@ -438,7 +438,9 @@ def plan(
             kl_divergence(phi, {k: v.detach() for k, v in theta.items()}, layers, LayerwiseGrad(list(phi.values())))
         kl_bytes = live.peak
     del phi
-    posterior_bytes = 3 * theta_bytes  # φ, its gradient, and the next φ during an inner update
+    # φ, its gradient and the next φ during an inner update, and the previous φ and its gradient that backtracking
+    # (eq. 7c) keeps to take an overshooting step again
+    posterior_bytes = (5 if run_config.inner.backtrack is not None else 3) * theta_bytes
     memory = {
         "base_weights": base_bytes,
         "theta": theta_bytes,
@@ -459,9 +461,9 @@ def plan(
         )
     else:
         notes.append(
-            "first-order gradients: nothing is kept between inner steps, so memory does not depend on the "
-            f"number of inner steps ({inner_steps}); several weight samples ({samples}) add the running sum of their "
-            "gradients (θ-sized); they cost time"
+            "first-order gradients: nothing but the previous φ is kept between inner steps, so memory does not "
+            f"depend on the number of inner steps ({inner_steps}) from K = 2 on; several weight samples ({samples}) "
+            "add the running sum of their gradients (θ-sized); they cost time"
         )
     notes.append(
         "allocator overheads (CUDA's caching allocator, fragmentation) are not modelled: leave some headroom"
@@ -507,7 +509,8 @@ _COMPONENTS = (
     ("theta", "θ (prior)", "always", "four factor pairs and a log-scale per adapted layer, float32"),
     ("theta_grad", "θ gradient", "always", "float32"),
     ("optimizer", "optimiser state", "always", "AdamW's two moments of θ, float32"),
-    ("posterior", "φ (posterior)", "meta-step", "φ, its gradient and the next φ in an inner update"),
+    ("posterior", "φ (posterior)", "meta-step", "φ, its gradient and the next φ in an inner update (and the previous φ "
+     "and its gradient, with backtracking)"),
     ("activations", "activations", "forward+backward", "what autograd keeps of one micro-batch, mean ΔW"),
     ("sampled_delta_w", "sampled ΔW", "forward+backward", "dense σ and ε of every adapted layer, kept for backward"),
     ("kl", "KL term", "KL pass", "the dense μ and σ of φ and θ that the KL's gradient needs"),

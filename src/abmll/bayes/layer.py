@@ -55,17 +55,17 @@ def sigma_dense(
     maximum: float | None = None,
 ) -> torch.Tensor:
     """σ = e^λ · g(B_σ A_σ + o) + c (eq. 2), dense ``[d_out, d_in]``; λ = ``sigma_scale``; with ``maximum``
-    (σ_max) the bounded σ = (1/σ' + 1/σ_max)⁻¹ + c of σ' = e^λ · g(·) (eq. 2b), in log space under ``exp``."""
+    (σ_max) the bounded σ = (1/σ' + 1/σ_max)⁻¹ + c of σ' = e^λ · g(·) (eq. 2b), a sigmoid under ``exp``."""
     pre = sigma_B @ sigma_A + offset
-    if transform == "exp":
-        log_sigma = sigma_scale + pre
-        if maximum is not None:  # log (1/σ' + 1/σ_max)⁻¹ = −logaddexp(−log σ', −log σ_max): no overflow
-            log_sigma = -torch.logaddexp(-log_sigma, torch.full_like(log_sigma, -math.log(maximum)))
-        return log_sigma.exp() + floor
+    if transform == "exp" and maximum is not None:
+        # (1/σ' + 1/σ_max)⁻¹ = σ_max · sigmoid(log σ' − log σ_max): one dense op kept for backward, as exp; no overflow
+        return maximum * torch.sigmoid(pre + (sigma_scale - math.log(maximum))) + floor
     if transform == "abs":
         g = pre.abs()
     elif transform == "softplus":
         g = F.softplus(pre)
+    elif transform == "exp":
+        g = pre.exp()
     else:
         raise ValueError(f"unknown sigma transform {transform!r}")
     sigma = sigma_scale.exp() * g
