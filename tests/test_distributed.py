@@ -25,7 +25,7 @@ TASKS = [f"fam{i}" for i in range(5)]
 STEPS = 3
 #: A meta-batch of 4 tasks: 2 per rank on 2 ranks, so each rank also sums tasks locally.
 FAST = {
-    "inner": {"inner_steps": 1},
+    "inner": {"inner_steps": 1, "backtrack": None},  # FSDP takes no backtracking step (template.inner_loop)
     "meta": {
         "meta_batch_size": 4, "micro_batch_size": 16, "support_size": 4, "query_size": 4, "checkpoint_every": 2,
         "outer_lr": 0.01,

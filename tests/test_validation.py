@@ -126,7 +126,7 @@ def test_a_diverged_test_time_adaptation_is_one_clear_error_and_an_infinite_vali
     from abmll.tiny import tiny_llama
     from abmll.validation import mean_query_nll
 
-    config = make_config(**{"inner.test_inner_lr": 1e12, "inner.test_inner_steps": 3})
+    config = make_config(**{"inner.test_inner_lr": 1e12, "inner.test_inner_steps": 3, "inner.backtrack": None})
     model, tok = tiny_llama(seed=0)
     method = create_method("abmll", model, Scorer(tok, config.scoring), config)
     with torch.no_grad():

@@ -126,7 +126,8 @@ class MetaLearner(Method):
             micro_batch_size=self.config.meta.micro_batch_size,
             create_graph=create_graph,
             losses=losses,
-            backtrack=inner.backtrack,
+            # Under FSDP every forward pass is collective: a retry on one rank alone would hang the others.
+            backtrack=None if is_sharded(self.model) else inner.backtrack,
         )
 
     # --- a task's contribution (the hook) ------------------------------------------------------------
