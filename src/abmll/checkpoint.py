@@ -97,9 +97,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync, then rename it into place."""
-    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
+    """Write JSON to a temporary file beside ``path``, fsync, then rename it into place (``indent`` None: one line,
+    for a large record)."""
+    write_text_atomic(path, json.dumps(data, indent=indent, allow_nan=True) + "\n")
 
 
 def read_json_object(path: Path, error: type[Exception], expected: str = "a JSON object") -> dict[str, Any]:

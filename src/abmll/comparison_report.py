@@ -104,7 +104,7 @@ def write_report(comparison: Comparison, out: Path, timings: dict[str, float]) -
         "coverage": covered,
         "timings_s": timings,
     }
-    write_json_atomic(out / "results.json", full)
+    write_json_atomic(out / "results.json", full, indent=None)  # every cell's per-task figures: megabytes indented
     return full
 
 

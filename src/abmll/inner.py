@@ -160,23 +160,35 @@ def adapt(
         before = (phi, value, grads)
         phi = sgd_step(phi, grads, lr, create_graph, sigma_lr)
     if support and steps > 0 and (losses is not None or backtrack is not None):
-        with torch.no_grad():
-            value = float(likelihood(model, phi, support, scorer, seeds(0), micro_batch_size))
-            if beta > 0:
-                value += beta * float(kl_divergence(phi, prior_side, bayes_layers(model)))
+        value = support_loss(model, phi, prior_side, support, scorer, seeds(0), beta, micro_batch_size)
         while backtrack is not None and not value <= backtrack * before[1]:
             lr, sigma_lr = _halved(lr, sigma_lr)  # the last step overshot: halve it until it does not
             phi = sgd_step(before[0], before[2], lr, create_graph, sigma_lr)
-            with torch.no_grad():
-                value = float(likelihood(model, phi, support, scorer, seeds(0), micro_batch_size))
-                if beta > 0:
-                    value += beta * float(kl_divergence(phi, prior_side, bayes_layers(model)))
+            value = support_loss(model, phi, prior_side, support, scorer, seeds(0), beta, micro_batch_size)
             if lr < 1e-12:  # not an overshoot that a smaller step cures: keep φᴷ⁻¹
                 phi = before[0]
                 break
         if losses is not None:
             losses.append(value)
     return phi
+
+
+@torch.no_grad()
+def support_loss(
+    model: nn.Module,
+    phi: Factors,
+    prior_side: Factors,
+    support: Sequence[Example],
+    scorer,
+    seeds: Sequence[int | None],
+    beta: float,
+    micro_batch_size: int,
+) -> float:
+    """NLL(S; φ, ε) + β·KL(q_φ ‖ p_θ) (eq. 7's loss), without gradients."""
+    value = float(likelihood(model, phi, support, scorer, seeds, micro_batch_size))
+    if beta > 0:
+        value += beta * float(kl_divergence(phi, prior_side, bayes_layers(model)))
+    return value
 
 
 def _halved(lr: float, sigma_lr: float | Mapping[str, float] | None):

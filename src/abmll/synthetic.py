@@ -40,7 +40,7 @@ import torch
 
 from abmll.checkpoint import versions, write_json_atomic
 from abmll.errors import ConfigError
-from abmll.metrics import expected_calibration_error, mean_interval
+from abmll.metrics import NLL_FLOOR, expected_calibration_error, mean_interval
 from abmll.scoring import Scorer
 from abmll.tasks.data import Episode, Example, Task, make_episode
 from abmll.tasks.readers import write_metaicl_task
@@ -370,7 +370,7 @@ def truth_table(benchmark: str | Path, comparison: str | Path, against: str = "a
         for task, task_rows in by_task.items():
             probs, gold = [r["probs"] for r in task_rows], [r["gold"] for r in task_rows]
             nll = labels["nll"].setdefault(name, {}).setdefault(task, [])
-            nll.extend(-math.log(max(p[g], 1e-12)) for p, g in zip(probs, gold, strict=True))
+            nll.extend(-math.log(max(p[g], NLL_FLOOR)) for p, g in zip(probs, gold, strict=True))  # as gold_nll
             labels["ece"].setdefault(name, {}).setdefault(task, []).append(expected_calibration_error(probs, gold))
     if not methods:
         raise ConfigError(f"{comparison}: no */seed-*/predictions.jsonl of abmll compare")
