@@ -11,8 +11,11 @@ matrix-product speed that a meta-step reaches. Two episodes on SmolLM2-135M (``l
 Bayesian LoRA rank 8 on q_proj, v_proj, the library's default first-order ABMLL with ``inner.inner_steps =
 --k``): ``short`` (``meta_step_cost.py``'s 4 support + 4 query questions, 12–20 tokens per sequence) and
 ``passage`` (``scoring_head.py``'s four-option questions after a passage, 34–59 tokens; ``--passage`` of
-each). One profiled meta-step per episode splits its time between matrix products and everything else. Run
-from the repository root::
+each), and ``suite``: a meta-training episode of the built-in suite at the library's defaults (its first
+episode of ``--suite-task``, 16 support and 16 query questions, micro-batches of 8), with adapters on every block
+and, as ``suite-top4``, on the top 4 (``lora.layers = 4``, the frozen-trunk cache warm from the previous call, as
+in a study's later steps on the same task). One profiled meta-step per episode splits its time between matrix
+products and everything else. Run from the repository root::
 
     .venv/bin/python benchmarks/meta_step_flops.py --threads 1            # print a Markdown section
     .venv/bin/python benchmarks/meta_step_flops.py --threads 1 --write    # and replace its section in RESULTS.md
@@ -36,7 +39,9 @@ from abmll.config import ABMLLConfig
 from abmll.methods import create_method
 from abmll.models import load_model
 from abmll.scoring import Scorer
-from abmll.tasks.data import Episode
+from abmll.suite import build_suite
+from abmll.tasks.data import Episode, MetaBatchSampler
+from abmll.tasks.readers import load_training_tasks
 
 SECTION = "meta_step_flops"
 TARGET = 0.5  # a meta-step should reach at least this share of the float32 matrix-product speed
@@ -46,6 +51,13 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 def passage_episode(n: int) -> Episode:
     exs = examples(2 * n)
     return Episode(task="passage", support=exs[:n], query=exs[n:])
+
+
+def suite_episode(task: str) -> Episode:
+    """The first meta-training episode of ``task`` at the library's default k and query size."""
+    meta = ABMLLConfig().meta
+    tasks, _ = load_training_tasks(build_suite(), [task])
+    return MetaBatchSampler(tasks, k=meta.support_size, query_size=meta.query_size, meta_batch_size=1).meta_batch(0)[0]
 
 
 def profile_split(step) -> tuple[float, float, float]:
@@ -67,6 +79,10 @@ def main() -> None:
     parser.add_argument("--passage", type=int, default=2, help="support (and query) questions of the passage episode")
     parser.add_argument("--reps", type=int, default=2, help="timed meta-steps per episode, each after a reference")
     parser.add_argument("--ref-size", type=int, default=2048, help="n of the n × n float32 reference product")
+    parser.add_argument("--suite-task", default="arc_easy", help="the built-in suite's training task of `suite`")
+    parser.add_argument(
+        "--episodes", default="short,passage,suite,suite-top4", help="comma-separated episode names"
+    )
     args = parse_args(parser)
     record = Record()
 
@@ -82,13 +98,22 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    model, tok = load_model(None)
-    config = ABMLLConfig().override({"inner.inner_steps": args.k})
-    method = create_method("abmll", model, Scorer(tok, config.scoring), config)
-    theta0 = method.state_dict()
-    episodes = {"short": short_episode(), "passage": passage_episode(args.passage)}
+    episodes = {
+        "short": lambda: short_episode(), "passage": lambda: passage_episode(args.passage),
+        "suite": lambda: suite_episode(args.suite_task), "suite-top4": lambda: suite_episode(args.suite_task),
+    }  # fmt: skip
+    chosen = args.episodes.split(",")
+    unknown = sorted(set(chosen) - set(episodes))
+    if unknown:
+        parser.error(f"unknown episode(s) {unknown}; choose from {sorted(episodes)}")
     results = {}
-    for name, ep in episodes.items():
+    for name in chosen:
+        ep = episodes[name]()
+        overrides = {"inner.inner_steps": args.k, **({"lora.layers": 4} if name == "suite-top4" else {})}
+        model, tok = load_model(None)
+        config = ABMLLConfig().override(overrides)
+        method = create_method("abmll", model, Scorer(tok, config.scoring), config)
+        theta0 = method.state_dict()
         step = make_step(method, ep, theta0)
         step()  # warm-up
         reference()
@@ -103,12 +128,14 @@ def main() -> None:
             step()
             step_times.append(time.perf_counter() - start)
         split = profile_split(step)
-        enc = method.scorer.encode(ep.support)
+        enc = method.scorer.encode(list(ep.support))
         lengths = enc.attention_mask.sum(-1)
+        layers = f"top {config.lora.layers} blocks" if config.lora.layers else "every block"
         results[name] = dict(
             flops=flops, by_op=by_op, step=step_times, ref=ref_times, split=split,
-            shape=f"{enc.input_ids.shape[0]} sequences of {int(lengths.min())}–{int(lengths.max())} tokens",
+            shape=f"{enc.input_ids.shape[0]} sequences of {int(lengths.min())}–{int(lengths.max())} tokens; {layers}",
         )
+        del method, model
         print(f"{name}: {statistics.median(step_times):.2f} s at {record.elapsed():.0f} s",
               file=sys.stderr, flush=True)
     record.stop()
@@ -117,6 +144,10 @@ def main() -> None:
         *record.header("Achieved FLOP/s of an ABMLL meta-step vs a float32 matrix product"),
         f"- meta-step: SmolLM2-135M (`load_model(None)`, float32), first-order ABMLL, K = {args.k} inner steps, one "
         "weight sample per step, 1 task, Bayesian LoRA rank 8 on q_proj, v_proj; θ restored before every call",
+        "- episodes: `short` and `passage` are small hand-made ones (4 and "
+        f"{args.passage} support questions); `suite` is the first meta-training episode of the built-in suite's "
+        f"`{args.suite_task}` at the library's defaults (16 support and 16 query questions, micro-batches of 8), "
+        "`suite-top4` the same with `lora.layers = 4` (the frozen-trunk cache warm from the previous call)",
         f"- FLOPs: `torch.utils.flop_counter.FlopCounterMode` on one untimed meta-step (matrix products only: "
         "element-wise work and the CPU attention kernel are not counted); reference: "
         f"{n} × {n} float32 `torch.mm` ({ref_flops / 1e9:.1f} GFLOP), the median of 3 "
