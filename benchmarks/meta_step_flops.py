@@ -7,7 +7,7 @@ under 1 % of the FLOPs at these sequence lengths). The timed
 calls (``--reps``, after a warm-up) alternate with a reference: a 2048 × 2048 float32 matrix product
 (``--ref-size``), timed three times before each meta-step (median), so that both see the same load. Achieved
 FLOP/s = counted FLOPs / median meta-step time; the ratio to the reference is the share of the machine's
-matrix-product speed that a meta-step reaches. Two episodes on SmolLM2-135M (``load_model(None)``, float32,
+matrix-product speed that a meta-step reaches. Four episodes on SmolLM2-135M (``load_model(None)``, float32,
 Bayesian LoRA rank 8 on q_proj, v_proj, the library's default first-order ABMLL with ``inner.inner_steps =
 --k``): ``short`` (``meta_step_cost.py``'s 4 support + 4 query questions, 12–20 tokens per sequence) and
 ``passage`` (``scoring_head.py``'s four-option questions after a passage, 34–59 tokens; ``--passage`` of
