@@ -98,6 +98,51 @@ def test_abmll_icl_reuses_the_abmll_cell_and_predicts_as_if_it_had_trained_itsel
     assert "checksum mismatch" in caplog.text and "abmll-icl meta-trains its own" in caplog.text
 
 
+def test_theta_from_another_comparison_replaces_meta_training_and_predicts_as_training_would(tmp_path):
+    """A study at another k (test time only) loads the θ of the same (method, seed) cells: no second meta-training,
+    the same predictions as a comparison at that k that meta-trains its own; test-time fields may differ; a θ
+    trained otherwise, or none, is an error that names it, before any cell runs."""
+    from conftest import PAIRS, family_task
+
+    from abmll.compare import run_comparison
+    from abmll.tasks.data import Task
+    from abmll.tasks.readers import write_metaicl_task
+
+    methods = ["zero-shot", "abmll", "abmll-icl"]
+    run_comparison(tiny_comparison(tmp_path, methods), tmp_path / "k4")
+    unseen = family_task("unseen", PAIRS[::3], 12, seed=9).examples  # the same task at k = 2
+    write_metaicl_task(Task("unseen", unseen[:2]), tmp_path / "data", 2, 100, "train")
+    write_metaicl_task(Task("unseen", unseen[4:]), tmp_path / "data", 2, 100, "test")
+
+    def at_k2(theta_from=None, **overrides):
+        comparison = tiny_comparison(tmp_path, methods)
+        comparison.k, comparison.theta_from = 2, theta_from
+        comparison.config = comparison.config.override(overrides)
+        return comparison
+
+    run_comparison(at_k2(tmp_path / "k4"), tmp_path / "taken")
+    run_comparison(at_k2(), tmp_path / "own")
+    for method in ("abmll", "abmll-icl"):
+        cell = tmp_path / "taken" / method / "seed-100"
+        assert not (cell / "train").exists()  # θ loaded, not meta-trained again
+        assert json.loads((cell / "results.json").read_text())["meta_trained_by"] == str(tmp_path / "k4" / "abmll"
+                                                                                           / "seed-100")  # fmt: skip
+        assert _probabilities(cell) == pytest.approx(_probabilities(tmp_path / "own" / method / "seed-100"), abs=1e-6)
+    assert (tmp_path / "own" / "abmll" / "seed-100" / "train" / "final").is_dir()
+    # test-time fields (K_test, S, the predictive's mode) may differ: an ablation of them shares the θ
+    run_comparison(at_k2(tmp_path / "k4", **{"predict.samples": 3, "inner.test_inner_steps": 2}), tmp_path / "s3")
+    assert not (tmp_path / "s3" / "abmll" / "seed-100" / "train").exists()
+    assert _probabilities(tmp_path / "s3" / "abmll" / "seed-100") != pytest.approx(
+        _probabilities(tmp_path / "taken" / "abmll" / "seed-100"), abs=1e-6
+    )
+
+    with pytest.raises(ConfigError, match=r"abmll/seed-100/train/final was not .*\['config'\] differ"):
+        run_comparison(at_k2(tmp_path / "k4", **{"objective.beta": 0.5}), tmp_path / "other")
+    with pytest.raises(ConfigError, match="holds no finished θ; run that comparison's abmll seed 100 cell first"):
+        run_comparison(at_k2(tmp_path / "own" / "zero-shot"), tmp_path / "none")
+    assert not any((tmp_path / "other").glob("*/seed-100/*")) and not any((tmp_path / "none").glob("*/seed-100/*"))
+
+
 def test_cell_times_survive_resumed_sittings(tmp_path):
     from abmll.compare import run_comparison
 

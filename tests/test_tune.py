@@ -194,6 +194,17 @@ def test_abmll_icl_takes_abmlls_tuned_values_and_shares_its_meta_training(study,
         assert recorded["tuned"] == values and recorded["config"]["objective"]["beta"] == 3e-6
     assert not (out / "abmll-icl" / "seed-100" / "train" / "final").exists()  # θ is abmll's, not its own
     assert "meta-trains its own" not in caplog.text
+    # another comparison with the same tuned values takes both θ from this one (--theta-from)
+    again = [
+        "compare", "--methods", "abmll,abmll-icl", "--preset", "smoke", "--data", study["data"], "--setting",
+        study["setting"], "--model", study["model"], "--k", 4, "--device", "cpu", "--tuned", tuned_file,
+    ]  # fmt: skip
+    ok(invoke(*again, "--out", tmp_path / "taken", "--theta-from", out))
+    assert json.loads((tmp_path / "taken" / "results.json").read_text())["theta_from"] == str(out)
+    assert not (tmp_path / "taken" / "abmll" / "seed-100" / "train").exists()
+    refused(invoke(*again, "--out", tmp_path / "lost", "--theta-from", tmp_path / "nowhere"), "--theta-from",
+            str(tmp_path / "nowhere"), "no such comparison folder")  # fmt: skip
+    assert not (tmp_path / "lost").exists()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,10 @@ test task from its k-shot support set drawn with that seed and score the query s
 written last, with the cell's wall time ``wall_s``), so ``resume`` skips the finished ones and a comparison
 can grow over several sittings; a finished cell run with another config, k, query-set cap, model or test tasks
 is refused by name, never pooled under this comparison's. A method that shares another's meta-training
-(``abmll-icl``: ``abmll``'s) loads that cell's θ when it qualifies (:func:`shared_meta_training`).
+(``abmll-icl``: ``abmll``'s) loads that cell's θ when it qualifies (:func:`shared_meta_training`). With
+:attr:`Comparison.theta_from`, every meta-learner loads the θ of its (method, seed) cell in that other
+comparison instead, which must qualify the same way (:func:`theta_from`): the test-time k does not enter
+meta-training, so a study at k = 4 reuses the θ of the same study at k = 16.
 
 The report pools each method's cells: ``OUT/report.md``, ``OUT/{method}/results.json``, a reliability
 diagram per method, the training curves and, last, ``OUT/results.json`` with ``methods`` (each method's
@@ -20,7 +23,7 @@ results), ``paired`` (ABMLL minus each baseline per task), ``paired_mean`` (the 
 ``demonstrations`` (how many support examples fit in the prompt, for methods that use them) and
 ``timings_s`` (seconds per cell).
 
-About 440 lines on purpose: the cells, their resumption and the checks that a kept or shared cell was run as
+About 500 lines on purpose: the cells, their resumption and the checks that a kept or shared cell was run as
 this comparison would run it belong together; the report is :mod:`abmll.comparison_report`.
 """
 
@@ -38,7 +41,7 @@ from typing import Any
 from abmll.assets import portable_path
 from abmll.checkpoint import load_checkpoint
 from abmll.comparison_report import write_report
-from abmll.config import ABMLLConfig
+from abmll.config import TEST_TIME_FIELDS, ABMLLConfig
 from abmll.errors import AbmllError, CheckpointError, ConfigError, RunLockedError
 from abmll.evaluation import (
     SCALARS,
@@ -129,6 +132,9 @@ class Comparison:
     #: The setting's meta-validation ('dev') tasks: with ``meta.validate_every`` every meta-training validates on
     #: them (and, with ``meta.patience``, stops early; :mod:`abmll.validation`).
     dev_tasks: list[str] = field(default_factory=list)
+    #: Another comparison's folder: each meta-learner loads the θ of its (method, seed) cell there
+    #: (:func:`theta_from`) instead of meta-training again (None: each meta-trains its own).
+    theta_from: Path | None = None
 
     def tuned_for(self, method_name: str) -> dict[str, Any]:
         """The tuned values of ``method_name``; a method tuned on its own has its own, one that shares another's
@@ -219,16 +225,50 @@ def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLL
     final = out.parent.parent / source / out.name / "train" / "final" if source else None
     if final is None or not final.is_dir():
         return None
+    unqualified = _unqualified(comparison, config, final)
+    if unqualified:
+        logger.warning("%s: not shared (%s); %s meta-trains its own θ", final, unqualified, method_name)
+        return None
+    return final
+
+
+def theta_from(comparison: Comparison, method_name: str, seed: int, config: ABMLLConfig) -> Path | None:
+    """With :attr:`Comparison.theta_from`, the finished θ (``train/final``) of ``method_name``'s cell of that
+    seed in that comparison (of the method whose meta-training it shares, for ``abmll-icl``), which must record
+    this cell's ``config`` but for its test-time fields (:data:`~abmll.config.TEST_TIME_FIELDS`: K_test, its α,
+    S, the predictive's mode), and its model, data and tasks, with every meta-step done (or stopped early);
+    raises :class:`ConfigError` naming the folder when it is missing or does not qualify. None without
+    ``theta_from`` or for a method that does not meta-train."""
+    if comparison.theta_from is None or not METHODS[method_name].meta_learns or config.meta.meta_steps == 0:
+        return None
+    source = METHODS[method_name].meta_trained_as or method_name
+    final = Path(comparison.theta_from) / source / f"seed-{seed}" / "train" / "final"
+    if not final.is_dir():
+        raise ConfigError(
+            f"--theta-from: {final} holds no finished θ; run that comparison's {source} seed {seed} cell first"
+        )
+    unqualified = _unqualified(comparison, config, final, ignore=TEST_TIME_FIELDS)
+    if unqualified:
+        raise ConfigError(f"--theta-from: {final} was not meta-trained as this comparison trains {method_name} "
+                          f"seed {seed} ({unqualified})")  # fmt: skip
+    return final
+
+
+def _unqualified(
+    comparison: Comparison, config: ABMLLConfig, final: Path, ignore: tuple[str, ...] = ()
+) -> str | None:
+    """Why the θ checkpoint ``final`` was not meta-trained as this comparison trains a cell with ``config``
+    (its checksum fails, or its config but for the dotted fields ``ignore``, model, data, tasks or meta-steps
+    differ); None when it was."""
     try:
         ckpt = load_checkpoint(final, trainer=True)
     except CheckpointError as exc:
-        logger.warning("%s: not shared (%s); %s meta-trains its own θ", final, exc, method_name)
-        return None
+        return str(exc)
     sampler = ckpt["trainer_values"].get("sampler", {})
     # a run that meta-validation stopped early (meta.patience) is finished at fewer meta-steps than its budget
     stopped_early = bool((ckpt["info"].get("validation") or {}).get("stopped_early"))
     recorded = {
-        "config": ckpt["config"].to_dict(),
+        "config": {k: v for k, v in flatten(ckpt["config"].to_dict()).items() if k not in ignore},
         "model": ckpt["info"].get("model"),
         "data": ckpt["info"].get("data"),
         "columns": ckpt["info"].get("columns"),
@@ -236,7 +276,7 @@ def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLL
         "steps": config.meta.meta_steps if stopped_early else sampler.get("position"),
     }
     wanted = {
-        "config": config.to_dict(),
+        "config": {k: v for k, v in flatten(config.to_dict()).items() if k not in ignore},
         "model": comparison.model or DEFAULT_MODEL,
         "data": portable_path(comparison.data_dir),
         "columns": comparison.columns,
@@ -244,10 +284,15 @@ def shared_meta_training(comparison: Comparison, method_name: str, config: ABMLL
         "steps": config.meta.meta_steps,
     }
     differ = sorted(key for key in wanted if recorded[key] != wanted[key])
-    if differ:
-        logger.warning("%s: not shared (its %s differ); %s meta-trains its own θ", final, differ, method_name)
-        return None
-    return final
+    return f"its {differ} differ" if differ else None
+
+
+def cell_config(comparison: Comparison, method_name: str, seed: int) -> ABMLLConfig:
+    """The config of a (method, seed) cell: the shared config, the method's own preset, its tuned values, the
+    seed."""
+    overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
+    tuned = comparison.tuned_for(method_name)  # abmll tune's values, on top
+    return comparison.config.override({**overrides, **tuned, "seed": seed})
 
 
 def run_cell(
@@ -266,9 +311,8 @@ def run_cell(
 
     start = time.perf_counter()
     scoped = tracker.scoped(f"{method_name}/seed-{seed}") if tracker is not None else None
-    overrides = method_overrides(method_name, comparison.config)  # e.g. maml: second-order gradients
-    tuned = comparison.tuned_for(method_name)  # abmll tune's values, on top
-    config = comparison.config.override({**overrides, **tuned, "seed": seed})
+    overrides, tuned = method_overrides(method_name, comparison.config), comparison.tuned_for(method_name)
+    config = cell_config(comparison, method_name, seed)
     method = build(comparison.model, method_name, config, device=comparison.device)
     model = method.model
     model_name = comparison.model or DEFAULT_MODEL
@@ -279,14 +323,19 @@ def run_cell(
         info["method_overrides"] = overrides
     if tuned:
         info["tuned"] = tuned
-    shared = shared_meta_training(comparison, method_name, config, out) if method.meta_learns else None
+    given = theta_from(comparison, method_name, seed, config)  # --theta-from: another comparison's cell
+    shared = given or (shared_meta_training(comparison, method_name, config, out) if method.meta_learns else None)
     if shared is not None:  # e.g. abmll-icl scores with the θ of the abmll cell of this seed
         try:
             load_prior_into(model, shared)
-            info["meta_trained_by"] = f"{shared.parent.parent.parent.name}/{out.name}"
         except CheckpointError as exc:  # e.g. other adapted modules: train as if it were not there
+            if given is not None:
+                raise ConfigError(f"--theta-from: {given} does not fit {method_name}'s adapters ({exc})") from exc
             logger.warning("%s: not shared (%s); %s meta-trains its own θ", shared, exc, method_name)
             shared = None
+        else:
+            cell_of = shared.parent.parent
+            info["meta_trained_by"] = portable_path(cell_of) if given else f"{cell_of.parent.name}/{out.name}"
     if shared is None and method.meta_learns and config.meta.meta_steps > 0:
         tasks, info["train_files"] = load_training_tasks(comparison.data, comparison.train_tasks)
         meta_train_run(
@@ -370,6 +419,8 @@ def _run_cells(
     for method_name, seed in cells:  # a kept cell must have been run as this comparison would run it
         if (method_name, seed) not in todo:
             _check_kept_cell(comparison, method_name, seed, out / method_name / f"seed-{seed}")
+        else:  # and a θ taken from another comparison must be there, as this one would train it
+            theta_from(comparison, method_name, seed, cell_config(comparison, method_name, seed))
     if (out / "results.json").is_file():  # set aside (not deleted) until the new report is written
         try:
             (out / "results.json").replace(out / PREVIOUS_REPORT)
@@ -425,8 +476,7 @@ def _check_kept_cell(comparison: Comparison, method_name: str, seed: int, cell: 
     with another config (a field the cell's abmll did not know yet is not compared), k, query-set cap, model
     or test tasks than this comparison gives it: the report would pool it under a config it did not use."""
     recorded = read_results(cell / "results.json")
-    tuned = comparison.tuned_for(method_name)
-    config = comparison.config.override({**method_overrides(method_name, comparison.config), **tuned, "seed": seed})
+    config = cell_config(comparison, method_name, seed)
     ran, wanted = flatten(recorded.get("config") or {}), flatten(config.to_dict())
     differ = {f"config {key}": (ran[key], wanted[key]) for key in wanted if key in ran and ran[key] != wanted[key]}
     protocol = {

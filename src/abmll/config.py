@@ -29,6 +29,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 NONFINITE = ("stop", "skip")
 PREDICT_MODES = ("sample", "mean")
+#: The fields that only adaptation to an unseen task and its posterior predictive read (K_test, its α, S, the
+#: predictive's mode); meta-training reads them only to score its meta-validation. ``abmll compare
+#: --theta-from`` lets them differ from those of the θ it loads, so that test-time ablations share one θ.
+TEST_TIME_FIELDS = ("inner.test_inner_steps", "inner.test_inner_lr", "predict.samples", "predict.mode")
 
 
 def check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -4,8 +4,10 @@
 #   bash docs/results/study/run.sh tune        # 1. tune every method on the 'dev' tasks (never 'test')
 #   bash docs/results/study/run.sh tune abmll,maml tune-2 &  # a second worker: other methods, another folder,
 #   bash docs/results/study/run.sh merge tune-2              # whose finished studies are then copied into tune/
-#   bash docs/results/study/run.sh compare 16  # 2. the tuned comparison at k = 16 (then 4); run it twice at once
-#                                                 to share its cells out between two workers (abmll compare --resume)
+#   bash docs/results/study/run.sh compare 16  # 2. the tuned comparison at k = 16; run it twice at once to share
+#                                                 its cells out between two workers (abmll compare --resume)
+#   bash docs/results/study/run.sh compare 4   # 3. at k = 4, with the θ of the k = 16 cells (--theta-from)
+#   bash docs/results/study/run.sh ablate      # 4. ABMLL's ablations at k = 16 (test-time ones with its θ)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 ABMLL=${ABMLL:-.venv/bin/abmll}
@@ -14,6 +16,9 @@ METHODS=lora,lora-task,structured-lora,reptile,maml,abmll
 # Shared by tuning and comparison: the full preset, adapters on the top 4 of SmolLM2's 30 blocks (with the
 # frozen-trunk cache) and room for 16 ICL demonstrations.
 SHARED=(--preset full --set lora.layers=4 --set scoring.max_length=8192)
+# The comparison's meta-training: up to 300 meta-steps, stopped early when the 'dev' NLL has not improved for 4
+# validations 25 steps apart.
+LONG=(--set meta.meta_steps=300 --set meta.validate_every=25 --set meta.patience=4)
 case "${1:-}" in
   tune)
     # tune [METHODS [FOLDER]]: the methods of this worker (default all) and its folder under docs/results/study
@@ -42,10 +47,51 @@ PY
     ;;
   compare)
     k=${2:?give k: 4 or 16}
-    # up to 300 meta-steps, stopped early when the 'dev' NLL has not improved for 4 validations 25 steps apart
-    "$ABMLL" compare --methods "zero-shot,icl,$METHODS,abmll-icl" "${SHARED[@]}" --k "$k" \
-      --set meta.meta_steps=300 --set meta.validate_every=25 --set meta.patience=4 \
-      --tuned "$HERE/tune/tuned.json" --out "$HERE/k$k" --resume
+    # k is the test tasks' k-shot only, so k = 4 takes every meta-learner's θ from the k = 16 cells
+    theta=(); [[ $k != 16 ]] && theta=(--theta-from "$HERE/k16")
+    "$ABMLL" compare --methods "zero-shot,icl,$METHODS,abmll-icl" "${SHARED[@]}" "${LONG[@]}" --k "$k" \
+      --tuned "$HERE/tune/tuned.json" --out "$HERE/k$k" --resume "${theta[@]}"
     ;;
-  *) echo "usage: $0 tune [METHODS [FOLDER]] | merge FOLDER | compare K" >&2; exit 2 ;;
+  ablate)
+    # ablate [NAMES]: ABMLL at k = 16 with one tuned value changed, each variant in ablations/NAME (the claims of
+    # the paper: β off, its v1 and v2 values; the straight_through_kl gradient; S = 1, 4, 16 posterior samples
+    # and the mean mode; K_test = 1, 4, 16; adapters on every block instead of the top 4). A variant of test-time
+    # fields only loads the θ of the k = 16 comparison's abmll cells (--theta-from), so it costs evaluation only.
+    all=mean-mode,samples-1,samples-4,samples-16,k-test-1,k-test-4,k-test-16,beta-off,beta-v1,beta-v2
+    all+=,straight-through-kl,all-layers
+    for name in $(tr , ' ' <<<"${2:-$all}"); do
+      case $name in
+        mean-mode) change=predict.mode=mean ;;
+        samples-1|samples-4|samples-16) change=predict.samples=${name#samples-} ;;
+        k-test-1|k-test-4|k-test-16) change=inner.test_inner_steps=${name#k-test-} ;;
+        beta-off) change=objective.beta=0 ;;
+        beta-v1) change=objective.beta=5e-10 ;;
+        beta-v2) change=objective.beta=1e-7 ;;
+        straight-through-kl) change=inner.order=straight_through_kl ;;
+        all-layers) change=lora.layers=null ;;
+        *) echo "ablate: unknown variant $name (of $all)" >&2; exit 2 ;;
+      esac
+      out=$HERE/ablations/$name; mkdir -p "$out"
+      # a field abmll tune searched changes in the variant's tuned file (tuned values go on top of --set), another
+      # by --set; the variant's tuned file is written from tune/tuned.json
+      mapfile -t sets < <(.venv/bin/python - "$HERE/tune/tuned.json" "$out/tuned.json" "$change" <<'PY'
+import json, sys
+from abmll.tune import search_space
+source, target, change = sys.argv[1:]
+key, raw = change.split("=", 1)
+value = json.loads(raw) if raw not in ("mean", "straight_through_kl") else raw
+tuned = json.load(open(source))["abmll"]
+if key in search_space("abmll"):
+    tuned[key] = value
+else:
+    print("--set"); print(change)
+json.dump({"abmll": tuned}, open(target, "w"), indent=2)
+PY
+      )
+      theta=(); [[ $change == predict.* || $change == inner.test_inner_steps=* ]] && theta=(--theta-from "$HERE/k16")
+      "$ABMLL" compare --methods abmll "${SHARED[@]}" "${LONG[@]}" "${sets[@]}" --k 16 \
+        --tuned "$out/tuned.json" --out "$out" --resume "${theta[@]}"
+    done
+    ;;
+  *) echo "usage: $0 tune [METHODS [FOLDER]] | merge FOLDER | compare K | ablate [NAMES]" >&2; exit 2 ;;
 esac

@@ -76,6 +76,7 @@ def _run_comparison(
     report_to: ReportTo | str = ReportTo.none,
     columns: str | None = None,
     tuned: Path | None = None,
+    theta_from: Path | None = None,
 ) -> None:
     import time
 
@@ -120,6 +121,11 @@ def _run_comparison(
         comparison.tuned = {m: v for m, v in tuned_values.items() if m in comparison.methods or m in shared}
         check_tuned(comparison.tuned, comparison.config, str(tuned))
         comparison.extra["tuned"] = _portable(tuned)
+    if theta_from is not None:
+        if not theta_from.is_dir():
+            raise ConfigError(f"--theta-from {theta_from}: no such comparison folder")
+        comparison.theta_from = theta_from
+        comparison.extra["theta_from"] = _portable(theta_from)
     params = {"methods": comparison.methods, "preset": preset, "seeds": comparison.seeds, "k": k, "model": model}
     tracker = _tracker(report_to, out, {**params, "config": comparison.config.to_dict()})
     start = time.perf_counter()
@@ -187,6 +193,16 @@ def compare(
             "in its results and the report).",
         ),
     ] = None,
+    theta_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--theta-from",
+            help="Another comparison's folder, e.g. the same study at another --k: each meta-learner loads the θ of "
+            "its (method, seed) cell there instead of meta-training again; that θ must have been meta-trained with "
+            "this config, model, data and tasks (an error names what differs). Test-time fields may differ "
+            "(inner.test_inner_steps, inner.test_inner_lr, predict.samples, predict.mode), for their ablations.",
+        ),
+    ] = None,
 ) -> None:
     """Run several methods on the same tasks, support sets, scorer and budget, and write a report. The preset
     gives the seeds, the query-set cap, the setting and the shared config; --config replaces that config, --set
@@ -195,7 +211,7 @@ def compare(
     with _errors():
         _run_comparison(
             methods, _value(preset), data, setting, model, seeds, out, resume, k, tasks=tasks, device=device,
-            config=config, sets=sets, report_to=report_to, columns=columns, tuned=tuned,
+            config=config, sets=sets, report_to=report_to, columns=columns, tuned=tuned, theta_from=theta_from,
         )  # fmt: skip
 
 
