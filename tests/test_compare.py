@@ -52,6 +52,31 @@ def test_the_paired_mean_differences_the_macro_averages_seed_by_seed():
     assert paired_mean_differences({"lora": results["lora"]}) == {}
 
 
+def test_paired_differences_cover_nll_brier_f1_and_auroc_where_defined():
+    def cell(seed, nll, auroc):
+        return {"seed": seed, "accuracy": 0.5, "macro_f1": 0.4, "ece": 0.1, "nll": nll, "brier": 0.3, "auroc": auroc}
+
+    results = {
+        "lora": {"tasks": {"rte": {"per_seed": [cell(100, 0.90, 0.60), cell(13, 0.80, 0.70)]},
+                           "cb": {"per_seed": [cell(100, 1.20, 0.50), cell(13, 1.00, None)]}}},
+        "abmll": {"tasks": {"rte": {"per_seed": [cell(100, 0.70, 0.65), cell(13, 0.70, None)]},
+                            "cb": {"per_seed": [cell(100, 1.00, 0.70), cell(13, 1.10, 0.60)]}}},
+    }  # fmt: skip
+    paired = paired_differences(results)["lora"]
+    assert paired["rte"]["nll"]["mean"] == pytest.approx((-0.2 - 0.1) / 2)
+    assert paired["rte"]["auroc"]["n"] == 1 and paired["rte"]["auroc"]["mean"] == pytest.approx(0.05)  # seed 13: none
+    assert paired["cb"]["auroc"]["n"] == 1 and paired["cb"]["auroc"]["mean"] == pytest.approx(0.2)
+    assert paired["rte"]["brier"]["mean"] == pytest.approx(0.0)
+    mean = paired_mean_differences(results)["lora"]
+    # seed 100: ((0.7 - 0.9) + (1.0 - 1.2)) / 2 = -0.2; seed 13: ((0.7 - 0.8) + (1.1 - 1.0)) / 2 = 0
+    assert {r["seed"]: r["difference"] for r in mean["nll"]["per_seed"]} == pytest.approx({100: -0.2, 13: 0.0})
+    # AUROC: seed 100 over both tasks ((0.05 + 0.2) / 2); seed 13 has it on neither task for both methods
+    assert {r["seed"]: r["difference"] for r in mean["auroc"]["per_seed"]} == pytest.approx({100: 0.125})
+    table = _paired_markdown(paired_differences(results), paired_mean_differences(results))
+    assert "| baseline | task | Δ accuracy | Δ macro-F1 | Δ ECE % | Δ NLL | Δ Brier | Δ AUROC |" in table
+    assert "| lora | **mean** | +0.000 [" in table and "| +0.125 |" in table
+
+
 def test_no_paired_section_without_abmll():
     assert paired_differences({"lora": _results({"rte": [(100, 0.5, 0.2)]})}) == {}
 

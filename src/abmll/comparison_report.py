@@ -165,12 +165,28 @@ def _cells_query_sets(comparison: Comparison, out: Path) -> dict[str, Any]:
     return pooled
 
 
-PAIRED_METRICS = ("accuracy", "ece")
+#: The metrics of the paired differences, with how the report shows them: (heading, scale, digits). Higher is
+#: better for accuracy, macro-F1 and AUROC; lower for ECE, NLL and Brier.
+PAIRED_METRICS = {
+    "accuracy": ("Δ accuracy", 1, 3),
+    "macro_f1": ("Δ macro-F1", 1, 3),
+    "ece": ("Δ ECE %", 100, 1),
+    "nll": ("Δ NLL", 1, 3),
+    "brier": ("Δ Brier", 1, 3),
+    "auroc": ("Δ AUROC", 1, 3),
+}
+
+
+def _difference(mine: dict[str, Any], theirs: dict[str, Any], metric: str) -> float | None:
+    """``mine`` minus ``theirs`` on ``metric``; None where either lacks it (AUROC of a seed with no error)."""
+    a, b = mine.get(metric), theirs.get(metric)
+    return None if a is None or b is None else a - b
 
 
 def paired_differences(results: dict[str, dict[str, Any]], reference: str = "abmll") -> dict[str, Any]:
     """Per task and baseline: ``reference`` minus the baseline on each seed (the same support sets), with
-    the mean and 95 % t-interval of those differences, for accuracy and ECE. Empty without ``reference``."""
+    the mean and 95 % t-interval of those differences, for each of :data:`PAIRED_METRICS` (over the seeds where
+    both have it). Empty without ``reference``."""
     if reference not in results:
         return {}
     out: dict[str, Any] = {}
@@ -181,15 +197,17 @@ def paired_differences(results: dict[str, dict[str, Any]], reference: str = "abm
         for task, summary in res["tasks"].items():
             mine = {r["seed"]: r for r in ref.get(task, {}).get("per_seed", [])}
             for metric in PAIRED_METRICS:
-                diffs = [mine[r["seed"]][metric] - r[metric] for r in summary["per_seed"] if r["seed"] in mine]
+                both = [(mine[r["seed"]], r) for r in summary["per_seed"] if r["seed"] in mine]
+                diffs = [d for d in (_difference(a, b, metric) for a, b in both) if d is not None]
                 if diffs:
                     out.setdefault(baseline, {}).setdefault(task, {})[metric] = mean_interval(diffs)
     return out
 
 
 def paired_mean_differences(results: dict[str, dict[str, Any]], reference: str = "abmll") -> dict[str, Any]:
-    """Per baseline: ``reference`` minus the baseline of the macro-average over the tasks both have, seed by
-    seed (``per_seed``), with the mean and 95 % t-interval of those differences. Empty without ``reference``."""
+    """Per baseline: ``reference`` minus the baseline of the macro-average over the tasks both have (and where
+    both have the metric), seed by seed (``per_seed``), with the mean and 95 % t-interval of those differences, for
+    each of :data:`PAIRED_METRICS`. Empty without ``reference``."""
     if reference not in results:
         return {}
     ref = results[reference]["tasks"]
@@ -201,9 +219,10 @@ def paired_mean_differences(results: dict[str, dict[str, Any]], reference: str =
         for task, summary in res["tasks"].items():
             mine = {r["seed"]: r for r in ref.get(task, {}).get("per_seed", [])}
             for r in summary["per_seed"]:
-                for metric in PAIRED_METRICS:
-                    if r["seed"] in mine:
-                        diffs[metric].setdefault(r["seed"], []).append(mine[r["seed"]][metric] - r[metric])
+                for metric in PAIRED_METRICS if r["seed"] in mine else ():
+                    d = _difference(mine[r["seed"]], r, metric)
+                    if d is not None:
+                        diffs[metric].setdefault(r["seed"], []).append(d)
         for metric, by_seed in diffs.items():
             per_seed = [{"seed": seed, "difference": sum(d) / len(d)} for seed, d in by_seed.items()]
             if per_seed:
@@ -216,25 +235,27 @@ def _paired_markdown(paired: dict[str, Any], paired_mean: dict[str, Any], refere
     lines = [
         f"{reference} minus each baseline on the same support sets: the macro-average over tasks, then per task "
         "(mean over seeds of the seed-by-seed differences, with the 95 % t-interval when there are several "
-        f"seeds). Positive accuracy and negative ECE favour {reference}.",
+        f"seeds). Positive accuracy, macro-F1 and AUROC and negative ECE, NLL and Brier favour {reference}; — where "
+        "a metric is undefined on every seed (AUROC without an error).",
         "",
-        "| baseline | task | Δ accuracy | Δ ECE % |",
-        "|---|---|---|---|",
+        "| baseline | task | " + " | ".join(heading for heading, _, _ in PAIRED_METRICS.values()) + " |",
+        "|---|---|" + "---|" * len(PAIRED_METRICS),
     ]
 
-    def fmt(d: dict[str, Any], scale: float, digits: int) -> str:
+    def fmt(d: dict[str, Any] | None, scale: float, digits: int) -> str:
+        if d is None:
+            return "—"
         text = f"{d['mean'] * scale:+.{digits}f}"
         if d["n"] > 1:
             text += f" [{d['low'] * scale:+.{digits}f}, {d['high'] * scale:+.{digits}f}]"
         return text
 
-    for baseline, metrics in paired_mean.items():
-        lines.append(
-            f"| {baseline} | **mean** | {fmt(metrics['accuracy'], 1, 3)} | {fmt(metrics['ece'], 100, 1)} |"
-        )
-    for baseline, tasks in paired.items():
-        for task, metrics in tasks.items():
-            lines.append(f"| {baseline} | {task} | {fmt(metrics['accuracy'], 1, 3)} | {fmt(metrics['ece'], 100, 1)} |")
+    def row(baseline: str, task: str, metrics: dict[str, Any]) -> str:
+        cells = [fmt(metrics.get(metric), scale, digits) for metric, (_, scale, digits) in PAIRED_METRICS.items()]
+        return f"| {baseline} | {task} | " + " | ".join(cells) + " |"
+
+    lines += [row(baseline, "**mean**", metrics) for baseline, metrics in paired_mean.items()]
+    lines += [row(baseline, task, metrics) for baseline, tasks in paired.items() for task, metrics in tasks.items()]
     return "\n".join(lines) + "\n"
 
 
