@@ -77,6 +77,23 @@ def test_paired_differences_cover_nll_brier_f1_and_auroc_where_defined():
     assert "| lora | **mean** | +0.000 [" in table and "| +0.125 |" in table
 
 
+def test_the_ablation_table_gives_each_variants_means_and_the_tuned_minus_it_by_seed():
+    from abmll.comparison_report import ablation_markdown
+
+    def results(acc: dict[int, float]) -> dict:
+        rows = [{"seed": s, "accuracy": a, "ece": 0.1, "nll": 1.0 - a} for s, a in acc.items()]
+        mean = sum(acc.values()) / len(acc)
+        means = {"accuracy": mean, "ece": 0.1, "nll": 1.0 - mean, "auroc": None}
+        return {"mean": means, "tasks": {"rte": {"per_seed": rows}}}
+
+    tuned = results({100: 0.6, 13: 0.7})
+    variants = {"beta-off": results({100: 0.5, 13: 0.6}), "samples-1": results({100: 0.6, 13: 0.7})}
+    text = ablation_markdown(tuned, variants)
+    assert "| tuned | 0.650 | 10.0 | 0.350 | — |" in text and "| beta-off | 0.550 | 10.0 | 0.450 | — |" in text
+    assert "| beta-off | **mean** | +0.100 [+0.100, +0.100] |" in text  # tuned − beta-off, seed by seed
+    assert "| samples-1 | **mean** | +0.000 [" in text and "tuned minus each baseline" in text
+
+
 def test_no_paired_section_without_abmll():
     assert paired_differences({"lora": _results({"rte": [(100, 0.5, 0.2)]})}) == {}
 

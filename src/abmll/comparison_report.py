@@ -259,6 +259,27 @@ def _paired_markdown(paired: dict[str, Any], paired_mean: dict[str, Any], refere
     return "\n".join(lines) + "\n"
 
 
+def ablation_markdown(reference: dict[str, Any], variants: dict[str, dict[str, Any]], name: str = "tuned") -> str:
+    """The ablations of one method as markdown: the macro-averages of ``reference`` (its results as the
+    comparison ran it, labelled ``name``) and of each variant (its results with one setting changed), then
+    ``name`` minus each variant seed by seed on the same support sets, with 95 % t-intervals
+    (:func:`paired_mean_differences`)."""
+    columns = {"accuracy": ("accuracy", 1, 3), "ece": ("ECE %", 100, 1), "nll": ("NLL", 1, 3), "auroc": ("AUROC", 1, 3)}
+
+    def value(results: dict[str, Any], metric: str) -> str:
+        v = results["mean"].get(metric)
+        return "—" if v is None else f"{v * columns[metric][1]:.{columns[metric][2]}f}"
+
+    lines = [
+        "| variant | " + " | ".join(heading for heading, _, _ in columns.values()) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for label, results in {name: reference, **variants}.items():
+        lines.append(f"| {label} | " + " | ".join(value(results, metric) for metric in columns) + " |")
+    paired_mean = paired_mean_differences({name: reference, **variants}, reference=name)
+    return "\n".join(lines) + "\n\n" + _paired_markdown({}, paired_mean, reference=name)
+
+
 def _report_markdown(
     comparison: Comparison,
     results: dict[str, dict[str, Any]],

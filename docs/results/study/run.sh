@@ -92,6 +92,22 @@ PY
       "$ABMLL" compare --methods abmll "${SHARED[@]}" "${LONG[@]}" "${sets[@]}" --k 16 \
         --tuned "$out/tuned.json" --out "$out" --resume "${theta[@]}"
     done
+    # one table of every finished variant beside the k = 16 comparison's abmll: ablations/report.md
+    .venv/bin/python - "$HERE" <<'PY'
+import json, sys
+from pathlib import Path
+from abmll.comparison_report import ablation_markdown
+here = Path(sys.argv[1])
+def abmll(folder):
+    return json.loads((folder / "results.json").read_text())["methods"]["abmll"]
+variants = {f.parent.name: abmll(f.parent) for f in sorted(here.glob("ablations/*/results.json"))}
+text = ablation_markdown(abmll(here / "k16"), variants)
+(here / "ablations" / "report.md").write_text(
+    "# ABMLL's ablations at k = 16 (SmolLM2-135M, the built-in suite)\n\nWritten by `bash docs/results/study/"
+    "run.sh ablate`: 'tuned' is the k = 16 comparison's abmll; each variant changes one setting (its folder's "
+    "`tuned.json` and report).\n\n" + text)
+print(text)
+PY
     ;;
   *) echo "usage: $0 tune [METHODS [FOLDER]] | merge FOLDER | compare K | ablate [NAMES]" >&2; exit 2 ;;
 esac
