@@ -46,9 +46,12 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
 
 
 # --- timing ----------------------------------------------------------------------------------------------
-def time_interleaved(steps: dict[str, Callable[[], object]], warmup: int, reps: int) -> dict[str, list[float]]:
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], warmup: int, reps: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
     """``warmup`` untimed calls of every step, then ``reps`` timed calls of each, interleaved, the order of
-    the steps alternating between reps; seconds per call, by step name."""
+    the steps alternating between reps; seconds per call by ``clock`` (wall-clock by default; ``time.process_time``
+    counts this process's CPU seconds, which other jobs on the machine do not inflate), by step name."""
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -56,9 +59,9 @@ def time_interleaved(steps: dict[str, Callable[[], object]], warmup: int, reps: 
     names = list(steps)
     for r in range(reps):
         for name in names if r % 2 == 0 else reversed(names):  # alternate the order too
-            start = time.perf_counter()
+            start = clock()
             steps[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 

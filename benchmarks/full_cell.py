@@ -3,9 +3,9 @@ built-in suite) with the exact speed-ups off and on, side by side in one run, an
 
 Each cell is ``abmll compare --preset full --seeds 100 --methods M --out DIR`` in a child process on the embedded
 SmolLM2-135M, one torch thread; "plain" adds ``--set scoring.shared_prefix=false --set
-compute.merge_without_grad=false --set scoring.trunk_cache_mb=0`` (every option scored as a whole sequence, each
-weight sample through two products per adapted layer, σ ⊙ ε formed at every pass, the frozen blocks run at every
-pass), "fast" is the
+compute.merge_without_grad=false --set scoring.trunk_cache_mb=0 --set meta.group_by_length=false`` (every option
+scored as a whole sequence, each weight sample through two products per adapted layer, σ ⊙ ε formed at every pass,
+the frozen blocks run at every pass, micro-batches as the sets come), "fast" is the
 library's defaults. The two variants of a method run at the same time (so that they share whatever else loads the
 machine), and each is measured by the CPU seconds of its own process (user + system: the work it did, whatever
 the load) beside its wall-clock seconds. The two cells' predictions are compared example by example (largest
@@ -29,14 +29,17 @@ from pathlib import Path
 from _common import Record, emit, parse_args
 
 SECTION = "full_cell"
-PLAIN = ["scoring.shared_prefix=false", "compute.merge_without_grad=false", "scoring.trunk_cache_mb=0"]
+PLAIN = [
+    "scoring.shared_prefix=false", "compute.merge_without_grad=false", "scoring.trunk_cache_mb=0",
+    "meta.group_by_length=false",
+]  # fmt: skip
 METRICS = ("accuracy", "macro_f1", "ece", "nll", "brier")
 
 
-def start_cell(method: str, out: Path, sets: list[str], threads: int) -> subprocess.Popen:
+def start_cell(method: str, out: Path, sets: list[str], threads: int, preset: str = "full") -> subprocess.Popen:
     """One cell in a child process."""
     abmll = Path(sys.executable).with_name("abmll")
-    cmd = [str(abmll), "compare", "--preset", "full", "--seeds", "100", "--methods", method, "--out", str(out)]
+    cmd = [str(abmll), "compare", "--preset", preset, "--seeds", "100", "--methods", method, "--out", str(out)]
     for item in sets:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -110,7 +113,8 @@ def main() -> None:
         "float32, one torch thread, each cell in its own process (model load included); plain and fast of a method "
         "at the same time",
         f"- plain: `--set {' --set '.join(PLAIN)}`; fast: the defaults (shared prompt prefix, merged-weight "
-        "sampling; the trunk cache has nothing to cache with adapters on every block)",
+        "sampling, micro-batches grouped by length; the trunk cache has nothing to cache with adapters on every "
+        "block)",
         "",
         "| method | plain CPU | fast CPU | plain / fast (CPU) | wall plain / fast | predictions compared | "
         "largest Δ option probability | top option changed | largest Δ per-task metric |",

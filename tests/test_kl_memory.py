@@ -49,7 +49,8 @@ def _reference_outer_backward(method: ABMLL, episode: Episode, second: bool, wei
     for k in range(inner.inner_steps):
         seeds = method.seeds(INNER, 0, 0, k, count=inner.inner_samples)
         params = list(phi.values())
-        _, grads = support_gradient(model, phi, prior_side, episode.support, scorer, seeds, 0.0, micro, second)
+        support = method.grouped(episode.support)  # in the order its micro-batches take it (meta.group_by_length)
+        _, grads = support_gradient(model, phi, prior_side, support, scorer, seeds, 0.0, micro, second)
         kl = method.beta * _summed_kl(phi, prior_side, layers)
         grads = [g + h for g, h in zip(grads, torch.autograd.grad(kl, params, create_graph=second), strict=True)]
         rates = step_sizes(list(phi), inner.inner_lr, sigma_step_sizes(layers, prior_side, inner.sigma_lr))
@@ -60,6 +61,7 @@ def _reference_outer_backward(method: ABMLL, episode: Episode, second: bool, wei
     outer = list(episode.query)
     if method.config.meta.outer_data == "support+query":
         outer = list(episode.support) + outer
+    outer = method.grouped(outer)
     seeds = method.seeds(OUTER, 0, 0, count=inner.inner_samples)
     with posterior(model, phi):
         for seed in seeds:

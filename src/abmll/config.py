@@ -322,6 +322,13 @@ class MetaConfig:
     micro_batch_size: int = field(
         default=8, metadata={"help": "Examples per forward pass; larger sets are processed in chunks."}
     )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Order a set's examples by length before cutting it into micro-batches, so that each pads to "
+            "similar lengths (same losses, gradients and predictions within float rounding); false: as given."
+        },
+    )
     support_size: int = field(default=16, metadata={"help": "k: support examples per meta-training episode."})
     query_size: int = field(default=16, metadata={"help": "Query examples per meta-training episode."})
     checkpoint_every: int = field(default=50, metadata={"help": "Save a checkpoint every N meta-steps."})
@@ -358,6 +365,7 @@ class MetaConfig:
             value = getattr(self, name)
             low = 0 if name == "meta_steps" else 1
             check(is_int(value, low), f"meta.{name}", value, f"an integer ≥ {low}")
+        check(isinstance(self.group_by_length, bool), "meta.group_by_length", self.group_by_length, "true or false")
         check(
             is_number(self.outer_lr, 0, strict=True), "meta.outer_lr", self.outer_lr, "a finite number > 0"
         )

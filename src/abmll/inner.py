@@ -51,6 +51,20 @@ def chunks(examples: Sequence[Example], size: int) -> list[Sequence[Example]]:
     return [examples[i : i + size] for i in range(0, len(examples), size)]
 
 
+def length_order(examples: Sequence[Example]) -> list[int]:
+    """The indices of ``examples`` from the shortest to the longest (prompt and longest option, in characters;
+    ties keep their order): micro-batches of consecutive examples in this order pad to similar lengths
+    (``meta.group_by_length``). A sum over examples, a loss or its gradient, changes only by float rounding."""
+    return sorted(range(len(examples)), key=lambda i: len(examples[i].input) + max(map(len, examples[i].options)))
+
+
+def unordered(rows: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """``rows`` computed for the examples ``order`` lists, back in the examples' own order."""
+    out = torch.empty_like(rows)
+    out[torch.as_tensor(list(order), dtype=torch.long)] = rows
+    return out
+
+
 def likelihood(
     model: nn.Module,
     phi: Factors | None,

@@ -25,6 +25,7 @@ from torch import nn
 
 from abmll.config import ABMLLConfig
 from abmll.errors import ConfigError, NonFiniteError
+from abmll.inner import length_order
 from abmll.models import prepare_model
 from abmll.tasks.data import Episode, Example
 
@@ -129,6 +130,15 @@ class Method(ABC):
     @abstractmethod
     def predict(self, adapted: Any, query: Sequence[Example], seed: int) -> torch.Tensor:
         """Option probabilities ``[len(query), n_options]`` (rows sum to 1)."""
+
+    def grouped(self, examples: Sequence[Example]) -> list[Example]:
+        """``examples`` ordered for micro-batching (:func:`~abmll.inner.length_order` with
+        ``meta.group_by_length``; as given otherwise), for a sum over them: a loss or a gradient."""
+        return [examples[i] for i in self.batch_order(examples)]
+
+    def batch_order(self, examples: Sequence[Example]) -> list[int]:
+        """The indices of ``examples`` in the order their micro-batches take them (:meth:`grouped`)."""
+        return length_order(examples) if self.config.meta.group_by_length else list(range(len(examples)))
 
     def posterior_kl(self, adapted: Any) -> float | None:
         """KL(q_φ ‖ p_θ) of a task's adapted state (eq. 5): how far the task moved the posterior from the prior;

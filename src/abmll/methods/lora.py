@@ -34,7 +34,7 @@ class LoRA(MetaLearner):
 
     def task_gradient(self, episode, step: int, task_index: int, weight: float) -> TaskStats:
         """The NLL of the task's support and query examples at θ itself (no inner loop)."""
-        examples = list(episode.support) + list(episode.query)
+        examples = self.grouped(list(episode.support) + list(episode.query))
         value = 0.0
         with posterior(self.model, None), weight_sample(self.model, None):
             for chunk in chunks(examples, self.config.meta.micro_batch_size):

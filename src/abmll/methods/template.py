@@ -37,7 +37,7 @@ from abmll.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from abmll.config import ABMLLConfig
 from abmll.distributed import all_reduce_sum, broadcast_from_main, is_sharded, max_over_processes, world
 from abmll.errors import CheckpointError, ConfigError
-from abmll.inner import Factors, adapt, chunks, derive_seed, straight_through
+from abmll.inner import Factors, adapt, chunks, derive_seed, straight_through, unordered
 from abmll.methods.base import LogFn, MetaBatches, Method, StepLog
 from abmll.models import eval_mode
 from abmll.objectives import kl_divergence
@@ -116,7 +116,7 @@ class MetaLearner(Method):
         return adapt(
             self.model,
             self.theta,
-            support,
+            self.grouped(support),
             self.scorer,
             steps=steps,
             lr=inner.inner_lr if lr is None else lr,
@@ -156,6 +156,7 @@ class MetaLearner(Method):
         outer = list(episode.query)
         if self.config.meta.outer_data == "support+query":
             outer = list(episode.support) + outer
+        outer = self.grouped(outer)
         seeds = self.seeds(OUTER, step, task_index, count=samples)
         nll = 0.0
         with posterior(self.model, phi):
@@ -305,14 +306,15 @@ class MetaLearner(Method):
         deterministic method, or ``predict.mode = mean``)."""
         mode = self.config.predict.mode if self.bayesian else "mean"
         seeds = [None] if mode == "mean" else self.seeds(PREDICT, seed, count=self.config.predict.samples)
-        parts = chunks(list(query), self.config.meta.micro_batch_size)
+        order = self.batch_order(query)
+        parts = chunks([query[i] for i in order], self.config.meta.micro_batch_size)
         probs = [0.0] * len(parts)
         with posterior(self.model, adapted):
             for s in seeds:  # one weight sample at a time: a prompt prefix shared by the query set is encoded once
                 with weight_sample(self.model, s), self.scorer.reuse_prefix():
                     for i, chunk in enumerate(parts):
                         probs[i] = probs[i] + torch.softmax(self.scorer(self.model, chunk), dim=-1)
-        return torch.cat([p / len(seeds) for p in probs]).cpu()
+        return unordered(torch.cat([p / len(seeds) for p in probs]), order).cpu()
 
     @torch.no_grad()
     def posterior_kl(self, adapted: Any) -> float | None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from abmll.bayes.inject import adapters_disabled
-from abmll.inner import chunks
+from abmll.inner import chunks, unordered
 from abmll.methods.base import Method
 from abmll.tasks.data import Example
 
@@ -25,7 +25,8 @@ class ZeroShot(Method):
     @torch.no_grad()
     def predict(self, adapted: None, query: Sequence[Example], seed: int) -> torch.Tensor:
         out = []
+        order = self.batch_order(query)
         with adapters_disabled(self.model):
-            for chunk in chunks(list(query), self.config.meta.micro_batch_size):
+            for chunk in chunks([query[i] for i in order], self.config.meta.micro_batch_size):
                 out.append(torch.softmax(self.scorer(self.model, chunk), dim=-1))
-        return torch.cat(out).cpu()
+        return unordered(torch.cat(out), order).cpu()
