@@ -228,6 +228,30 @@ def test_compare_refuses_a_tuned_file_naming_an_unknown_method_or_field(study, t
     assert not out.exists()
 
 
+def test_compare_refuses_the_values_of_an_unfinished_study(study, tmp_path):
+    """A tuned.json written while a study had run 3 of its 8 trials (abmll tune pools every study of its folder,
+    finished or not): comparing that method is refused before anything runs; methods whose studies are finished
+    (or share one, as abmll-icl abmll's) are not, and a hand-written file without a study record is not checked."""
+    record = {"trials": 8, "methods": {"lora-task": {"trials": 8}, "abmll": {"trials": 8}, "maml": {"trials": 3}}}
+    values = {"lora-task": {"inner.test_inner_lr": 0.5}, "maml": {"inner.test_inner_lr": 0.1}}
+    tuned_file = tmp_path / "tuned.json"
+    tuned_file.write_text(json.dumps({"schema_version": 1, **values, "abmll": {}, "study": record}))
+    common = [
+        "compare", "--preset", "smoke", "--data", study["data"], "--setting", study["setting"], "--model",
+        study["model"], "--k", 4, "--device", "cpu", "--tuned", tuned_file,
+    ]  # fmt: skip
+    out = tmp_path / "cmp"
+    refused(invoke(*common, "--methods", "lora-task,maml", "--out", out), str(tuned_file), "study of maml",
+            "3 of its 8 trials", "--resume")  # fmt: skip
+    assert not out.exists()
+    record["methods"]["abmll"]["trials"] = 5
+    tuned_file.write_text(json.dumps({"schema_version": 1, **values, "abmll": {}, "study": record}))
+    refused(invoke(*common, "--methods", "abmll-icl", "--out", out), "study of abmll", "5 of its 8", "abmll-icl")
+    ok(invoke(*common, "--methods", "zero-shot,lora-task", "--out", out))
+    tuned_file.write_text(json.dumps({"schema_version": 1, **values}))  # by hand: no study record
+    ok(invoke(*common, "--methods", "maml", "--out", tmp_path / "by-hand"))
+
+
 def test_tune_refuses_a_setting_without_dev_tasks_or_with_a_test_task_among_them(study, tmp_path):
     no_dev = tmp_path / "no-dev.json"
     no_dev.write_text(json.dumps({"train": ["fam0", "fam1"], "test": ["unseen"]}))

@@ -525,6 +525,27 @@ def read_tuned(path: str | Path) -> dict[str, dict[str, Any]]:
     return tuned
 
 
+def check_finished(path: str | Path, methods: list[str]) -> None:
+    """Refuse a ``tuned.json`` of ``abmll tune`` (one with a ``study`` record) whose study of a compared method
+    (or of the method whose θ it shares, for ``abmll-icl``) ran fewer trials than the study's ``trials``: its
+    values are those of an unfinished search, and the methods of one comparison are tuned with equal trials. A
+    file written by hand (no ``study.methods``) is not checked."""
+    study = read_json_object(Path(path), ConfigError, "a JSON object {method: {field: value}}").get("study")
+    if not isinstance(study, dict) or not isinstance(study.get("methods"), dict):
+        return
+    target, studies = study.get("trials"), study["methods"]
+    for method in methods:
+        name = method if method in studies else METHODS[method].meta_trained_as if method in METHODS else None
+        entry = studies.get(name) if name is not None else None
+        if not isinstance(entry, dict) or not isinstance(target, int) or entry.get("trials", target) >= target:
+            continue
+        raise ConfigError(
+            f"{path}: the study of {name} ran {entry.get('trials')} of its {target} trials; finish it (abmll tune "
+            f"--methods {name} --trials {target} --resume, with the study's other options) so that every method is "
+            f"tuned with the same trials, or leave {method} out of --methods"
+        )
+
+
 def check_tuned(tuned: dict[str, dict[str, Any]], config: ABMLLConfig, source: str) -> None:
     """Each method's tuned values applied to ``config`` (a comparison's): a combination the config refuses is
     one :class:`ConfigError` naming ``source`` and the method."""

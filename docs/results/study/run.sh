@@ -5,7 +5,8 @@
 #   bash docs/results/study/run.sh tune abmll,maml tune-2 &  # a second worker: other methods, another folder,
 #   bash docs/results/study/run.sh merge tune-2              # whose finished studies are then copied into tune/
 #   bash docs/results/study/run.sh compare 16  # 2. the tuned comparison at k = 16; run it twice at once to share
-#                                                 its cells out between two workers (abmll compare --resume)
+#                                                 its cells out between two workers (abmll compare --resume);
+#   bash docs/results/study/run.sh compare 16 lora,abmll     # or a worker for some methods' cells only
 #   bash docs/results/study/run.sh compare 4   # 3. at k = 4, with the θ of the k = 16 cells (--theta-from)
 #   bash docs/results/study/run.sh ablate      # 4. ABMLL's ablations at k = 16 (test-time ones with its θ)
 set -euo pipefail
@@ -32,24 +33,39 @@ case "${1:-}" in
       --out "$out" "${resume[@]}"
     ;;
   merge)
-    # merge FOLDER: copy the studies of a second worker's tune.db into tune/tune.db (Optuna's copy_study; a study
-    # already there is an error), then rewrite tune/tuned.json; `run.sh tune` checks that every study was run
-    # with the same protocol.
+    # merge FOLDER [METHODS]: copy the studies of a second worker's tune.db (those of METHODS, default all) into
+    # tune/tune.db (Optuna's copy_study; a study already there is skipped when it holds the same trials, an
+    # error otherwise), then rewrite tune/tuned.json from the studies there (`abmll tune --resume` also checks
+    # that every study was run with the same protocol, and finishes one that has not run its trials).
     from=$HERE/${2:?give the folder of the second worker}/tune.db
-    .venv/bin/python - "$from" "$HERE/tune/tune.db" <<'PY'
+    present=$(.venv/bin/python - "$from" "$HERE/tune/tune.db" "${3:-}" <<'PY'
 import sys, optuna
-source, target = (f"sqlite:///{path}" for path in sys.argv[1:])
-for name in optuna.get_all_study_names(source):
+source, target = (f"sqlite:///{path}" for path in sys.argv[1:3])
+wanted = [m for m in sys.argv[3].split(",") if m] or optuna.get_all_study_names(source)
+there = optuna.get_all_study_names(target)
+for name in wanted:
+    if name not in optuna.get_all_study_names(source):
+        sys.exit(f"merge: {sys.argv[1]} holds no study of {name}")
+    if name in there:
+        count = [len(optuna.load_study(study_name=name, storage=s).trials) for s in (source, target)]
+        if count[0] != count[1]:
+            sys.exit(f"merge: tune/ holds a study of {name} already, with {count[1]} trials against {count[0]}")
+        print(f"the study of {name} is there already", file=sys.stderr)
+        continue
     optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
-    print(f"copied the study of {name}")
+    print(f"copied the study of {name}", file=sys.stderr)
+print(",".join(optuna.get_all_study_names(target)))
 PY
-    "$0" tune
+    )
+    "$0" tune "$present"
     ;;
   compare)
     k=${2:?give k: 4 or 16}
-    # k is the test tasks' k-shot only, so k = 4 takes every meta-learner's θ from the k = 16 cells
+    # compare K [METHODS]: every method (default), or a worker for these methods' cells only (its report covers
+    # them until a run of every method finds all cells finished). k is the test tasks' k-shot only, so k = 4 takes
+    # every meta-learner's θ from the k = 16 cells.
     theta=(); [[ $k != 16 ]] && theta=(--theta-from "$HERE/k16")
-    "$ABMLL" compare --methods "zero-shot,icl,$METHODS,abmll-icl" "${SHARED[@]}" "${LONG[@]}" --k "$k" \
+    "$ABMLL" compare --methods "${3:-zero-shot,icl,$METHODS,abmll-icl}" "${SHARED[@]}" "${LONG[@]}" --k "$k" \
       --tuned "$HERE/tune/tuned.json" --out "$HERE/k$k" --resume "${theta[@]}"
     ;;
   ablate)
@@ -109,5 +125,5 @@ text = ablation_markdown(abmll(here / "k16"), variants)
 print(text)
 PY
     ;;
-  *) echo "usage: $0 tune [METHODS [FOLDER]] | merge FOLDER | compare K | ablate [NAMES]" >&2; exit 2 ;;
+  *) echo "usage: $0 tune [METHODS [FOLDER]] | merge FOLDER [METHODS] | compare K [METHODS] | ablate [NAMES]" >&2; exit 2 ;;
 esac

@@ -92,9 +92,10 @@ def _run_comparison(
     run_device = str(_device(device))
     check_report_to(_value(report_to))
     if tuned is not None:
-        from abmll.tune import read_tuned
+        from abmll.tune import check_finished, read_tuned
 
         tuned_values = read_tuned(tuned)  # an unknown method or field fails here
+        check_finished(tuned, [m.strip() for m in methods.split(",") if m.strip()])  # so does an unfinished study
     mapping = _check_data(data, columns)
     names = _task_names(tasks)
     if data is None:
