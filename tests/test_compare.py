@@ -94,6 +94,30 @@ def test_the_ablation_table_gives_each_variants_means_and_the_tuned_minus_it_by_
     assert "| samples-1 | **mean** | +0.000 [" in text and "tuned minus each baseline" in text
 
 
+def test_the_summary_names_the_best_method_and_whom_abmll_beats_loses_to_or_ties_on_each_metric():
+    from abmll.comparison_report import headline_markdown
+    from abmll.metrics import mean_interval
+
+    def results(acc: list[float], nll: list[float]) -> dict:
+        rows = [{"seed": s, "accuracy": a, "nll": n} for s, a, n in zip((100, 13, 21), acc, nll, strict=True)]
+        interval = {"accuracy": mean_interval(acc), "nll": mean_interval(nll)}
+        return {"mean": {"accuracy": sum(acc) / 3, "nll": sum(nll) / 3, "auroc": None, "interval": interval},
+                "tasks": {"rte": {"per_seed": rows}}}  # fmt: skip
+
+    methods = {
+        "zero-shot": results([0.40, 0.42, 0.41], [0.90, 0.91, 0.92]),  # abmll ahead on both
+        "lora": results([0.58, 0.63, 0.60], [0.60, 0.61, 0.59]),  # level in accuracy, ahead of abmll in NLL
+        "abmll": results([0.60, 0.61, 0.62], [0.70, 0.70, 0.70]),
+    }
+    text = headline_markdown({"methods": methods, "paired_mean": paired_mean_differences(methods)})
+    assert "| abmll | 0.610 ± 0.025 | — | — | 0.700 ± 0.000 | — | — |" in text
+    assert "- **accuracy**: best mean `abmll`; `abmll` is ahead of `zero-shot`; level with `lora`." in text
+    assert "- **NLL**: best mean `lora`; `abmll` is ahead of `zero-shot`; behind `lora`." in text
+    assert "AUROC" not in text.split("\n\n")[1]  # no line for a metric no method has
+    alone = headline_markdown({"methods": {"lora": methods["lora"]}})  # without abmll: the best means only
+    assert "- **accuracy**: best mean `lora`." in alone
+
+
 def test_no_paired_section_without_abmll():
     assert paired_differences({"lora": _results({"rte": [(100, 0.5, 0.2)]})}) == {}
 

@@ -259,6 +259,63 @@ def _paired_markdown(paired: dict[str, Any], paired_mean: dict[str, Any], refere
     return "\n".join(lines) + "\n"
 
 
+#: The metrics of :func:`headline_markdown`, and whether a higher value is better.
+HEADLINE_METRICS = {"accuracy": True, "macro_f1": True, "ece": False, "nll": False, "brier": False, "auroc": True}
+
+
+def headline_markdown(pooled: dict[str, Any], reference: str = "abmll") -> str:
+    """A comparison's summary as markdown, from its pooled ``results.json``: per method the macro-average over the
+    tasks (mean over seeds ± the 95 % t half-width) of :data:`HEADLINE_METRICS`, then one line per metric naming
+    the method with the best mean and the baselines that ``reference`` beats, loses to, and is level with (its
+    seed-by-seed paired interval excludes zero in its favour, excludes zero against it, spans zero)."""
+    methods, paired = pooled["methods"], pooled.get("paired_mean", {})
+    fmt = {metric: PAIRED_METRICS[metric][1:] for metric in HEADLINE_METRICS}
+
+    def cell(method: str, metric: str) -> str:
+        interval = methods[method]["mean"].get("interval", {}).get(metric)
+        value = methods[method]["mean"].get(metric)
+        if value is None:
+            return "—"
+        scale, digits = fmt[metric]
+        if not interval or interval["n"] < 2:
+            return f"{value * scale:.{digits}f}"
+        return f"{value * scale:.{digits}f} ± {(interval['high'] - interval['mean']) * scale:.{digits}f}"
+
+    headings = {m: PAIRED_METRICS[m][0].removeprefix("Δ ") for m in HEADLINE_METRICS}
+    lines = [
+        "| method | " + " | ".join(headings.values()) + " |",
+        "|---|" + "---|" * len(HEADLINE_METRICS),
+        *[f"| {m} | " + " | ".join(cell(m, metric) for metric in HEADLINE_METRICS) + " |" for m in methods],
+        "",
+    ]
+    for metric, higher in HEADLINE_METRICS.items():
+        scored = {m: r["mean"][metric] for m, r in methods.items() if r["mean"].get(metric) is not None}
+        if not scored:
+            continue
+        best = (max if higher else min)(scored, key=scored.get)
+        line = f"- **{headings[metric]}**: best mean `{best}`"
+        if reference in methods and paired:
+            verdicts: dict[str, list[str]] = {"ahead of": [], "behind": [], "level with": []}
+            for baseline, metrics in paired.items():
+                d = metrics.get(metric)
+                if d is None:
+                    continue
+                if d["n"] < 2 or d["low"] <= 0 <= d["high"]:
+                    verdicts["level with"].append(baseline)
+                else:
+                    verdicts["ahead of" if (d["low"] > 0) == higher else "behind"].append(baseline)
+            said = [f"{word} {', '.join(f'`{b}`' for b in names)}" for word, names in verdicts.items() if names]
+            line += f"; `{reference}` is " + "; ".join(said) if said else ""
+        lines.append(line + ".")
+    n = max((r["mean"].get("interval", {}).get("accuracy", {}).get("n", 1) for r in methods.values()), default=1)
+    lines += [
+        "",
+        f"Ahead of / behind: the {n} seeds' paired differences of the macro-averages have a 95 % t-interval that "
+        "excludes zero; level with: it spans zero (or there is one seed).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def ablation_markdown(reference: dict[str, Any], variants: dict[str, dict[str, Any]], name: str = "tuned") -> str:
     """The ablations of one method as markdown: the macro-averages of ``reference`` (its results as the
     comparison ran it, labelled ``name``) and of each variant (its results with one setting changed), then
@@ -308,6 +365,11 @@ def _report_markdown(
         *_overrides_markdown(comparison.methods, comparison.config),
         *_tuned_markdown(comparison),
         "",
+        "## Summary",
+        "",
+        "The macro-average over the test tasks, mean over seeds ± the 95 % t half-width.",
+        "",
+        headline_markdown({"methods": results, "paired_mean": paired_mean}),
         "## Accuracy and ECE per task",
         "",
         comparison_table(results),
