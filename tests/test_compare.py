@@ -111,9 +111,14 @@ def test_the_summary_names_the_best_method_and_whom_abmll_beats_loses_to_or_ties
     }
     text = headline_markdown({"methods": methods, "paired_mean": paired_mean_differences(methods)})
     assert "| abmll | 0.610 ± 0.025 | — | — | 0.700 ± 0.000 | — | — |" in text
-    assert "- **accuracy**: best mean `abmll`; `abmll` is ahead of `zero-shot`; level with `lora`." in text
+    accuracy = "- **accuracy**: best mean `abmll`; `abmll` is ahead of `zero-shot`; not distinguishable from `lora`."
+    assert accuracy in text
     assert "- **NLL**: best mean `lora`; `abmll` is ahead of `zero-shot`; behind `lora`." in text
     assert "AUROC" not in text.split("\n\n")[1]  # no line for a metric no method has
+    assert "differences of the macro-averages over 3 seeds" in text
+    first = {m: {**r, "tasks": {"rte": {"per_seed": r["tasks"]["rte"]["per_seed"][:1]}}} for m, r in methods.items()}
+    one = headline_markdown({"methods": first, "paired_mean": paired_mean_differences(first)})
+    assert "- **accuracy**: best mean `abmll`." in one and "One seed: no interval" in one  # no verdict
     alone = headline_markdown({"methods": {"lora": methods["lora"]}})  # without abmll: the best means only
     assert "- **accuracy**: best mean `lora`." in alone
 

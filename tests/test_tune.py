@@ -230,8 +230,9 @@ def test_compare_refuses_a_tuned_file_naming_an_unknown_method_or_field(study, t
 
 def test_compare_refuses_the_values_of_an_unfinished_study(study, tmp_path):
     """A tuned.json written while a study had run 3 of its 8 trials (abmll tune pools every study of its folder,
-    finished or not): comparing that method is refused before anything runs; methods whose studies are finished
-    (or share one, as abmll-icl abmll's) are not, and a hand-written file without a study record is not checked."""
+    finished or not): comparing that method is refused before anything runs, and so are a method with no study
+    and methods tuned with unequal trials; methods whose studies are finished (or share one, as abmll-icl abmll's)
+    are not, and a hand-written file without a study record is not checked."""
     record = {"trials": 8, "methods": {"lora-task": {"trials": 8}, "abmll": {"trials": 8}, "maml": {"trials": 3}}}
     values = {"lora-task": {"inner.test_inner_lr": 0.5}, "maml": {"inner.test_inner_lr": 0.1}}
     tuned_file = tmp_path / "tuned.json"
@@ -247,6 +248,15 @@ def test_compare_refuses_the_values_of_an_unfinished_study(study, tmp_path):
     record["methods"]["abmll"]["trials"] = 5
     tuned_file.write_text(json.dumps({"schema_version": 1, **values, "abmll": {}, "study": record}))
     refused(invoke(*common, "--methods", "abmll-icl", "--out", out), "study of abmll", "5 of its 8", "abmll-icl")
+    refused(invoke(*common, "--methods", "lora-task,structured-lora", "--out", out), "no study of structured-lora",
+            "untuned")  # fmt: skip
+    record["methods"]["abmll"]["trials"] = 10  # resumed to 10 trials: more than lora-task's 8
+    tuned_file.write_text(json.dumps({"schema_version": 1, **values, "abmll": {}, "study": record}))
+    refused(invoke(*common, "--methods", "lora-task,abmll", "--out", out), "unequal trials", "lora-task 8", "abmll 10")
+    record["methods"]["maml"]["trials"] = None
+    tuned_file.write_text(json.dumps({"schema_version": 1, **values, "abmll": {}, "study": record}))
+    refused(invoke(*common, "--methods", "maml", "--out", out), "study of maml ran None of its 8 trials")
+    assert not out.exists()
     ok(invoke(*common, "--methods", "zero-shot,lora-task", "--out", out))
     tuned_file.write_text(json.dumps({"schema_version": 1, **values}))  # by hand: no study record
     ok(invoke(*common, "--methods", "maml", "--out", tmp_path / "by-hand"))

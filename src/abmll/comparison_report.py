@@ -266,8 +266,9 @@ HEADLINE_METRICS = {"accuracy": True, "macro_f1": True, "ece": False, "nll": Fal
 def headline_markdown(pooled: dict[str, Any], reference: str = "abmll") -> str:
     """A comparison's summary as markdown, from its pooled ``results.json``: per method the macro-average over the
     tasks (mean over seeds ± the 95 % t half-width) of :data:`HEADLINE_METRICS`, then one line per metric naming
-    the method with the best mean and the baselines that ``reference`` beats, loses to, and is level with (its
-    seed-by-seed paired interval excludes zero in its favour, excludes zero against it, spans zero)."""
+    the method with the best mean and the other methods that ``reference`` is ahead of, behind, and not
+    distinguishable from (its seed-by-seed paired interval excludes zero in its favour, excludes zero against it,
+    spans zero); with one seed there is no interval, and no verdict."""
     methods, paired = pooled["methods"], pooled.get("paired_mean", {})
     fmt = {metric: PAIRED_METRICS[metric][1:] for metric in HEADLINE_METRICS}
 
@@ -294,25 +295,26 @@ def headline_markdown(pooled: dict[str, Any], reference: str = "abmll") -> str:
             continue
         best = (max if higher else min)(scored, key=scored.get)
         line = f"- **{headings[metric]}**: best mean `{best}`"
-        if reference in methods and paired:
-            verdicts: dict[str, list[str]] = {"ahead of": [], "behind": [], "level with": []}
-            for baseline, metrics in paired.items():
-                d = metrics.get(metric)
-                if d is None:
-                    continue
-                if d["n"] < 2 or d["low"] <= 0 <= d["high"]:
-                    verdicts["level with"].append(baseline)
-                else:
-                    verdicts["ahead of" if (d["low"] > 0) == higher else "behind"].append(baseline)
-            said = [f"{word} {', '.join(f'`{b}`' for b in names)}" for word, names in verdicts.items() if names]
-            line += f"; `{reference}` is " + "; ".join(said) if said else ""
-        lines.append(line + ".")
-    n = max((r["mean"].get("interval", {}).get("accuracy", {}).get("n", 1) for r in methods.values()), default=1)
-    lines += [
-        "",
-        f"Ahead of / behind: the {n} seeds' paired differences of the macro-averages have a 95 % t-interval that "
-        "excludes zero; level with: it spans zero (or there is one seed).",
-    ]
+        verdicts: dict[str, list[str]] = {"ahead of": [], "behind": [], "not distinguishable from": []}
+        for baseline, metrics in paired.items() if reference in methods else ():
+            d = metrics.get(metric)
+            if d is None or d["n"] < 2:  # one seed: no interval, no verdict
+                continue
+            if d["low"] <= 0 <= d["high"]:
+                verdicts["not distinguishable from"].append(baseline)
+            else:
+                verdicts["ahead of" if (d["low"] > 0) == higher else "behind"].append(baseline)
+        said = [f"{word} {', '.join(f'`{b}`' for b in names)}" for word, names in verdicts.items() if names]
+        lines.append(line + (f"; `{reference}` is " + "; ".join(said) if said else "") + ".")
+    seeds = sorted({d["n"] for metrics in paired.values() for d in metrics.values()}) if reference in methods else []
+    if seeds and seeds[-1] > 1:
+        lines += [
+            "",
+            f"Ahead of / behind: the paired differences of the macro-averages over {'–'.join(map(str, seeds))} seeds "
+            "have a 95 % t-interval that excludes zero; not distinguishable from: it spans zero.",
+        ]
+    elif reference in methods and paired:
+        lines += ["", f"One seed: no interval, so no verdict on `{reference}` against the others."]
     return "\n".join(lines) + "\n"
 
 

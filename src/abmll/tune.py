@@ -310,7 +310,7 @@ def objective(tuning: Tuning, method: str, config: ABMLLConfig, train: list, epi
     }
 
 
-def _counted(trial: Any) -> bool:
+def counted(trial: Any) -> bool:
     """A trial that used its budget: complete, or failed because its losses diverged (not one interrupted)."""
     from optuna.trial import TrialState
 
@@ -392,7 +392,7 @@ def _tune_method(tuning: Tuning, method: str, storage: Any, episodes: dict, trai
     trials = study.get_trials(deepcopy=False)
     # Seeded by the study's size, so that a resumed study does not repeat the first session's draws.
     study.sampler = optuna.samplers.TPESampler(seed=tuning.seed + len(trials))
-    done = sum(_counted(t) for t in trials)
+    done = sum(counted(t) for t in trials)
     if done:
         say(f"{method}: resuming its study at {done} of {tuning.trials} trials")
     space = tuning.space(method)
@@ -452,15 +452,15 @@ def _tuned_record(tuning: Tuning, storage: Any, skipped: list[str]) -> dict[str,
         study = optuna.load_study(study_name=name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        counted = [t for t in trials if _counted(t)]
+        used = [t for t in trials if counted(t)]
         entry = {
-            "trials": len(counted),
+            "trials": len(used),
             "complete": len(complete),
-            "diverged": len(counted) - len(complete),
+            "diverged": len(used) - len(complete),
             "best_trial": None,
             "best_nll": None,
             "search_space": study.user_attrs.get("setup", {}).get("search_space"),
-            "wall_s": round(sum(t.user_attrs.get("wall_s", 0.0) for t in counted), 3),
+            "wall_s": round(sum(t.user_attrs.get("wall_s", 0.0) for t in used), 3),
         }
         if complete:
             top = study.best_trial
@@ -526,23 +526,40 @@ def read_tuned(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def check_finished(path: str | Path, methods: list[str]) -> None:
-    """Refuse a ``tuned.json`` of ``abmll tune`` (one with a ``study`` record) whose study of a compared method
-    (or of the method whose θ it shares, for ``abmll-icl``) ran fewer trials than the study's ``trials``: its
-    values are those of an unfinished search, and the methods of one comparison are tuned with equal trials. A
-    file written by hand (no ``study.methods``) is not checked."""
+    """Refuse a ``tuned.json`` of ``abmll tune`` (one with ``study.methods``) unless every compared method with
+    something to tune has a finished study in it (``abmll-icl``: its own or ``abmll``'s), run with the same number
+    of trials as the others': a study that ran fewer trials than the study's ``trials``, a method with no study
+    (not tuned, or tuned in another folder not merged yet) and unequal trials are each one :class:`ConfigError`.
+    A file written by hand (no ``study.methods``) is not checked."""
     study = read_json_object(Path(path), ConfigError, "a JSON object {method: {field: value}}").get("study")
     if not isinstance(study, dict) or not isinstance(study.get("methods"), dict):
         return
-    target, studies = study.get("trials"), study["methods"]
+    target, studies, skipped = study.get("trials"), study["methods"], study.get("skipped") or {}
+    done: dict[str, int] = {}
     for method in methods:
-        name = method if method in studies else METHODS[method].meta_trained_as if method in METHODS else None
-        entry = studies.get(name) if name is not None else None
-        if not isinstance(entry, dict) or not isinstance(target, int) or entry.get("trials", target) >= target:
+        if method not in METHODS or not search_space(method) or method in skipped:
             continue
+        name = method if method in studies else METHODS[method].meta_trained_as or method
+        entry = studies.get(name)
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"{path}: holds no study of {name}, so {method} would run untuned beside tuned methods; tune it "
+                f"into the same folder (abmll tune --methods {name} --resume, with the study's other options), "
+                f"or leave {method} out of --methods"
+            )
+        trials = entry.get("trials")
+        if not isinstance(trials, int) or (isinstance(target, int) and trials < target):
+            raise ConfigError(
+                f"{path}: the study of {name} ran {trials} of its {target} trials; finish it (abmll tune --methods "
+                f"{name} --trials {target} --resume, with the study's other options), or leave {method} out of "
+                "--methods"
+            )
+        done[name] = trials
+    if len(set(done.values())) > 1:
+        counts = ", ".join(f"{name} {n}" for name, n in done.items())
         raise ConfigError(
-            f"{path}: the study of {name} ran {entry.get('trials')} of its {target} trials; finish it (abmll tune "
-            f"--methods {name} --trials {target} --resume, with the study's other options) so that every method is "
-            f"tuned with the same trials, or leave {method} out of --methods"
+            f"{path}: the compared methods were tuned with unequal trials ({counts}); resume the smaller studies "
+            "(abmll tune --trials N --resume) so that every method has the same number"
         )
 
 

@@ -3,7 +3,7 @@
 # the whole study can be accumulated over several sittings by running this script again.
 #   bash docs/results/study/run.sh tune        # 1. tune every method on the 'dev' tasks (never 'test')
 #   bash docs/results/study/run.sh tune abmll,maml tune-2 &  # a second worker: other methods, another folder,
-#   bash docs/results/study/run.sh merge tune-2              # whose finished studies are then copied into tune/
+#   bash docs/results/study/run.sh merge tune-2 [METHODS]    # whose finished studies are then copied into tune/
 #   bash docs/results/study/run.sh compare 16  # 2. the tuned comparison at k = 16; run it twice at once to share
 #                                                 its cells out between two workers (abmll compare --resume);
 #   bash docs/results/study/run.sh compare 16 lora,abmll     # or a worker for some methods' cells only
@@ -14,6 +14,7 @@ cd "$(dirname "$0")/../../.."
 ABMLL=${ABMLL:-.venv/bin/abmll}
 HERE=docs/results/study
 METHODS=lora,lora-task,structured-lora,reptile,maml,abmll
+TRIALS=8  # per method
 # Shared by tuning and comparison: the full preset, adapters on the top 4 of SmolLM2's 30 blocks (with the
 # frozen-trunk cache) and room for 16 ICL demonstrations.
 SHARED=(--preset full --set lora.layers=4 --set scoring.max_length=8192)
@@ -29,31 +30,35 @@ case "${1:-}" in
     # count.
     methods=${2:-$METHODS}; out=$HERE/${3:-tune}
     resume=(); [[ -f $out/tune.db ]] && resume=(--resume)
-    "$ABMLL" tune --methods "$methods" --trials 8 --seeds 100 "${SHARED[@]}" --set meta.meta_steps=50 \
+    "$ABMLL" tune --methods "$methods" --trials "$TRIALS" --seeds 100 "${SHARED[@]}" --set meta.meta_steps=50 \
       --out "$out" "${resume[@]}"
     ;;
   merge)
-    # merge FOLDER [METHODS]: copy the studies of a second worker's tune.db (those of METHODS, default all) into
-    # tune/tune.db (Optuna's copy_study; a study already there is skipped when it holds the same trials, an
-    # error otherwise), then rewrite tune/tuned.json from the studies there (`abmll tune --resume` also checks
-    # that every study was run with the same protocol, and finishes one that has not run its trials).
+    # merge FOLDER [METHODS]: copy the finished studies (all 8 trials run) of a second worker's tune.db (those of
+    # METHODS, default all) into tune/tune.db (Optuna's copy_study; an unfinished one is left where it is, one
+    # already there is skipped when it has run as many trials, an error otherwise), then rewrite tune/tuned.json
+    # from the studies there (`abmll tune --resume` also checks that every study was run with the same protocol).
     from=$HERE/${2:?give the folder of the second worker}/tune.db
-    present=$(.venv/bin/python - "$from" "$HERE/tune/tune.db" "${3:-}" <<'PY'
+    present=$(.venv/bin/python - "$from" "$HERE/tune/tune.db" "${3:-}" "$TRIALS" <<'PY'
 import sys, optuna
+from abmll.tune import counted
 source, target = (f"sqlite:///{path}" for path in sys.argv[1:3])
 wanted = [m for m in sys.argv[3].split(",") if m] or optuna.get_all_study_names(source)
-there = optuna.get_all_study_names(target)
+trials, there = int(sys.argv[4]), optuna.get_all_study_names(target)
+def done(name, storage):
+    return sum(counted(t) for t in optuna.load_study(study_name=name, storage=storage).trials)
 for name in wanted:
     if name not in optuna.get_all_study_names(source):
         sys.exit(f"merge: {sys.argv[1]} holds no study of {name}")
-    if name in there:
-        count = [len(optuna.load_study(study_name=name, storage=s).trials) for s in (source, target)]
-        if count[0] != count[1]:
-            sys.exit(f"merge: tune/ holds a study of {name} already, with {count[1]} trials against {count[0]}")
+    if done(name, source) < trials:
+        print(f"the study of {name} has run {done(name, source)} of {trials} trials: not copied", file=sys.stderr)
+    elif name in there and done(name, target) != done(name, source):
+        sys.exit(f"merge: tune/ holds a study of {name} already, with {done(name, target)} trials, not {trials}")
+    elif name in there:
         print(f"the study of {name} is there already", file=sys.stderr)
-        continue
-    optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
-    print(f"copied the study of {name}", file=sys.stderr)
+    else:
+        optuna.copy_study(from_study_name=name, from_storage=source, to_storage=target)
+        print(f"copied the study of {name}", file=sys.stderr)
 print(",".join(optuna.get_all_study_names(target)))
 PY
     )
