@@ -91,11 +91,12 @@ def _run_comparison(
     (ABMLLConfig() if shared is None else shared).override(overrides)
     run_device = str(_device(device))
     check_report_to(_value(report_to))
+    method_names = [m.strip() for m in methods.split(",") if m.strip()]
     if tuned is not None:
         from abmll.tune import check_finished, read_tuned
 
         tuned_values = read_tuned(tuned)  # an unknown method or field fails here
-        check_finished(tuned, [m.strip() for m in methods.split(",") if m.strip()])  # so does an unfinished study
+        check_finished(tuned, method_names)  # so does an unfinished study
     mapping = _check_data(data, columns)
     names = _task_names(tasks)
     if data is None:
@@ -103,7 +104,7 @@ def _run_comparison(
 
         data = build_suite(progress=console.print)
     comparison = from_preset(
-        preset, [m.strip() for m in methods.split(",") if m.strip()], data, model, setting, test_tasks=names,
+        preset, method_names, data, model, setting, test_tasks=names,
         columns=mapping,
     )  # fmt: skip
     comparison.data  # noqa: B018 - with --columns, the data is read (and checked) before anything runs
