@@ -9,6 +9,7 @@
 #   bash docs/results/study/run.sh compare 16 lora,abmll     # or a worker for some methods' cells only
 #   bash docs/results/study/run.sh compare 4   # 3. at k = 4, with the θ of the k = 16 cells (--theta-from)
 #   bash docs/results/study/run.sh ablate      # 4. ABMLL's ablations at k = 16 (test-time ones with its θ)
+#   bash docs/results/study/run.sh cell abmll 13 [16] [OUT]  # rerun one cell of a finished comparison, compare
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 ABMLL=${ABMLL:-.venv/bin/abmll}
@@ -130,5 +131,33 @@ text = ablation_markdown(abmll(here / "k16"), variants)
 print(text)
 PY
     ;;
-  *) echo "usage: $0 tune [METHODS [FOLDER]] | merge FOLDER [METHODS] | compare K [METHODS] | ablate [NAMES]" >&2; exit 2 ;;
+  cell)
+    # cell METHOD SEED [K [OUT]]: rerun one (method, seed) cell of the k = K comparison (default 16) as it was run:
+    # every other cell is copied into OUT (default runs/study-cell-METHOD-SEED-kK), so the query sets (drawn
+    # disjoint over all seeds), a θ it takes from another cell and the report are those of the comparison, and
+    # `compare --resume` runs the missing cell only; then its per-task metrics are set beside the committed ones.
+    method=${2:?give the method}; seed=${3:?give the seed}; k=${4:-16}; out=${5:-runs/study-cell-$method-$seed-k$k}
+    src=$HERE/k$k
+    [[ -f $src/$method/seed-$seed/results.json ]] || { echo "cell: $src holds no finished $method/seed-$seed" >&2; exit 2; }
+    [[ -e $out ]] && { echo "cell: $out exists; remove it or give another OUT" >&2; exit 2; }
+    mkdir -p "$out"
+    for dir in "$src"/*/seed-*; do
+      [[ $dir == "$src/$method/seed-$seed" ]] && continue
+      mkdir -p "$out/$(basename "$(dirname "$dir")")"; cp -r "$dir" "$out/$(basename "$(dirname "$dir")")/"
+    done
+    read -r methods seeds < <(.venv/bin/python -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print(",".join(r["methods"]), ",".join(map(str, r["seeds"])))' "$src/results.json")
+    theta=(); [[ $k != 16 ]] && theta=(--theta-from "$HERE/k16")
+    "$ABMLL" compare --methods "$methods" --seeds "$seeds" "${SHARED[@]}" "${LONG[@]}" --k "$k" \
+      --tuned "$HERE/tune/tuned.json" --out "$out" --resume "${theta[@]}"
+    .venv/bin/python - "$src/$method/seed-$seed/results.json" "$out/$method/seed-$seed/results.json" <<'PY'
+import json, sys
+was, now = (json.load(open(path))["tasks"] for path in sys.argv[1:])
+print(f"{'task':<12} {'metric':<9} {'committed':>10} {'rerun':>10}")
+for task in was:
+    for metric in ("accuracy", "macro_f1", "ece", "nll"):
+        print(f"{task:<12} {metric:<9} {was[task][metric]:>10.4f} {now[task][metric]:>10.4f}")
+PY
+    ;;
+  *) echo "usage: $0 tune [METHODS [FOLDER]] | merge FOLDER [METHODS] | compare K [METHODS] | ablate [NAMES] | cell METHOD SEED [K [OUT]]" >&2; exit 2 ;;
 esac
